@@ -1,0 +1,118 @@
+"""Image callbacks: sample grids saved as PNG files and sent to every logger that takes images.
+
+Images are assumed in `value_range` (the datamodules' [-1, 1] by default) and mapped to [0, 1]
+for display; 2-D point data get a scatter plot of held-out data against samples instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from callbacks.protocol import require_methods
+
+
+def output_dir(trainer: L.Trainer, subdir: str) -> str:
+    """`<log_dir>/<subdir>` of the run (the default root dir when there is no logger)."""
+    root = trainer.log_dir or trainer.default_root_dir
+    path = os.path.join(root, subdir)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def log_image(trainer: L.Trainer, key: str, image: Tensor) -> None:
+    """Send a (3, H, W) image in [0, 1] to each logger that accepts images."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, image, global_step=trainer.global_step)
+        elif callable(getattr(logger, "log_image", None)):  # W&B, Neptune, Comet-style loggers
+            logger.log_image(key=key, images=[image], step=trainer.global_step)
+
+
+def scatter_png(path: str, real: Tensor, fake: Tensor, title: str) -> Tensor:
+    """Scatter plot of 2-D real vs generated points, written to `path`; returns it as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.scatter(*real.T.cpu(), s=3, alpha=0.5, label="held-out data")
+    ax.scatter(*fake.T.cpu(), s=3, alpha=0.5, label="samples")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=7)
+    ax.set_aspect("equal")
+    fig.canvas.draw()
+    image = torch.from_numpy(fig.canvas.buffer_rgba()[..., :3].copy()).permute(2, 0, 1) / 255.0
+    fig.savefig(path)
+    plt.close(fig)
+    return image  # (3, H, W)
+
+
+def seeded_samples(pl_module: L.LightningModule, num_samples: int, seed: int) -> Tensor:
+    """`pl_module.sample(num_samples)` under a fixed seed, leaving the global RNG state untouched,
+    so a grid shows the same latent codes every epoch."""
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return pl_module.sample(num_samples).detach()
+
+
+class SampleGridCallback(L.Callback):
+    """Every `every_n_epochs` validation epochs, save a grid of `num_samples` model samples.
+
+    Needs `pl_module.sample(num_samples)`. Files: `<log_dir>/images/samples_epoch=NNNN.png`.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        every_n_epochs: int = 1,
+        nrow: int = 8,
+        value_range: tuple[float, float] | None = (-1.0, 1.0),
+        seed: int = 0,
+    ) -> None:
+        self.num_samples = num_samples
+        self.every_n_epochs = every_n_epochs
+        self.nrow = nrow
+        self.value_range = value_range
+        self.seed = seed
+        self._real_points: list[Tensor] = []
+        self.last_path: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_methods(pl_module, self, ["sample"])
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if self._due(trainer) and x.ndim == 2 and sum(len(r) for r in self._real_points) < self.num_samples:
+            self._real_points.append(x.detach().cpu())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        real, self._real_points = self._real_points, []
+        if not trainer.is_global_zero:
+            return
+        samples = seeded_samples(pl_module, self.num_samples, self.seed).float().cpu()
+        folder = output_dir(trainer, "images")
+        path = os.path.join(folder, f"samples_epoch={trainer.current_epoch:04d}.png")
+        if samples.ndim == 2:  # (N, 2) points
+            real_points = torch.cat(real)[: self.num_samples] if real else samples[:0]
+            image = scatter_png(path, real_points[:, :2], samples[:, :2], f"epoch {trainer.current_epoch}")
+        else:  # (N, C, H, W) images
+            image = make_grid(samples, nrow=self.nrow, normalize=True, value_range=self.value_range, pad_value=1.0)
+            save_image(image, path)
+        self.last_path = path
+        log_image(trainer, "samples", image)

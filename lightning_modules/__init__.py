@@ -1,0 +1,7 @@
+"""LightningModules for the primal-dual link between f-GANs and Wasserstein autoencoders."""
+
+from lightning_modules.base import GenerativeModule
+from lightning_modules.divergences import DIVERGENCE_NAMES, FDivergence, get_divergence
+from lightning_modules.wae import WAE
+
+__all__ = ["DIVERGENCE_NAMES", "FDivergence", "GenerativeModule", "WAE", "get_divergence"]

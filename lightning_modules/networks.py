@@ -1,0 +1,225 @@
+"""Encoder, decoder and critic builders shared by every model (SPEC section 2).
+
+Data of shape (D,) (2-D toy points, flat vectors) get MLPs; images of shape (C, H, W) get
+DCGAN-style convolutional networks (Radford et al. 2016): stride-2 4x4 convolutions that halve
+the image, batch norm and ReLU in the encoder and decoder, LeakyReLU and no batch norm in the
+critic (batch norm would make the critic's value on one image depend on the rest of the batch,
+and break its Lipschitz certificate). The number of halvings is read off the image size:
+8x8 -> 4x4 (1), 28x28 -> 7x7 (2), 32x32 -> 4x4 (3), 64x64 -> 4x4 (4).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+OUTPUT_ACTIVATIONS: tuple[str, ...] = ("tanh", "none")
+
+
+def check_data_shape(data_shape: Sequence[int]) -> tuple[int, ...]:
+    """Return data_shape as a tuple if it is (D,) or (C, H, W) with H, W >= 4; else ValueError."""
+    shape = tuple(int(s) for s in data_shape)
+    flat_ok = len(shape) == 1 and shape[0] >= 1
+    image_ok = len(shape) == 3 and shape[0] >= 1 and min(shape[1:]) >= 4
+    if not (flat_ok or image_ok):
+        raise ValueError(
+            f"data_shape must be (D,) for vectors or (C, H, W) with H, W >= 4 for images, got {shape}."
+        )
+    return shape
+
+
+def is_image_shape(data_shape: Sequence[int]) -> bool:
+    return len(data_shape) == 3
+
+
+def conv_plan(height: int, width: int) -> tuple[int, int, int]:
+    """(number of stride-2 halvings, base height, base width): halve while both sides are even
+    and stay >= 4, so that the decoder's doublings land exactly on (height, width)."""
+    halvings = 0
+    while height % 2 == 0 and width % 2 == 0 and height >= 8 and width >= 8:
+        height, width, halvings = height // 2, width // 2, halvings + 1
+    return halvings, height, width
+
+
+def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
+    return _spectral_norm(layer) if spectral_norm else layer
+
+
+def build_mlp(
+    in_features: int,
+    hidden: Sequence[int],
+    out_features: int,
+    activation: str = "relu",
+    spectral_norm: bool = False,
+) -> nn.Sequential:
+    """Linear layers with `activation` ("relu" or "leaky_relu", slope 0.2) between them."""
+    layers: list[nn.Module] = []
+    sizes = [in_features, *hidden]
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers.append(_maybe_sn(nn.Linear(a, b), spectral_norm))
+        layers.append(nn.ReLU() if activation == "relu" else nn.LeakyReLU(0.2))
+    layers.append(_maybe_sn(nn.Linear(sizes[-1], out_features), spectral_norm))
+    return nn.Sequential(*layers)
+
+
+def default_channels(data_shape: Sequence[int], width: int) -> list[int]:
+    """Encoder / critic channels width * 2^i, one entry per halving of the image."""
+    halvings, _, _ = conv_plan(data_shape[1], data_shape[2])
+    return [width * 2**i for i in range(max(halvings, 1))]
+
+
+class ConvEncoder(nn.Module):
+    """(B, C, H, W) -> (B, out_features): stride-2 convolutions, then a linear layer."""
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        out_features: int,
+        channels: Sequence[int],
+        batch_norm: bool = True,
+        leaky: bool = False,
+        spectral_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = data_shape[0]
+        for out_ch in channels:
+            layers.append(_maybe_sn(nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), spectral_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_ch))
+            layers.append(nn.LeakyReLU(0.2) if leaky else nn.ReLU())
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = self.features(torch.zeros(2, *data_shape)).flatten(1).shape[1]
+        self.head = _maybe_sn(nn.Linear(flat, out_features), spectral_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).flatten(start_dim=1))  # (B, out_features)
+
+
+class ConvDecoder(nn.Module):
+    """(B, latent_dim) -> (B, C, H, W): a linear layer to channels[0] on a (H, W) / 2^k grid, one
+    stride-2 transposed convolution per further entry of `channels` (k of them), then a 3x3
+    convolution to C channels."""
+
+    def __init__(
+        self,
+        data_shape: Sequence[int],
+        latent_dim: int,
+        channels: Sequence[int],
+        output_activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        doublings = len(channels) - 1
+        height, width = data_shape[1], data_shape[2]
+        if len(channels) < 1 or height % 2**doublings or width % 2**doublings:
+            halvings = conv_plan(height, width)[0]
+            raise ValueError(
+                f"The decoder doubles its grid once per channel entry after the first, so for images of "
+                f"shape {tuple(data_shape)} it needs at most {halvings + 1} entries with both sides "
+                f"divisible by 2^(entries - 1); got {list(channels)}."
+            )
+        base_h, base_w = height // 2**doublings, width // 2**doublings
+        self.base = (channels[0], base_h, base_w)
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, channels[0] * base_h * base_w),
+            nn.Unflatten(1, self.base),
+            nn.BatchNorm2d(channels[0]),
+            nn.ReLU(),
+        )
+        layers: list[nn.Module] = []
+        for in_ch, out_ch in zip(channels[:-1], channels[1:]):
+            layers += [
+                nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1),
+                nn.BatchNorm2d(out_ch),
+                nn.ReLU(),
+            ]
+        layers.append(nn.Conv2d(channels[-1], data_shape[0], 3, padding=1))
+        if output_activation == "tanh":
+            layers.append(nn.Tanh())
+        self.upsample = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.upsample(self.project(z))  # (B, C, H, W)
+
+
+class MLPDecoder(nn.Module):
+    """(B, latent_dim) -> (B, D) through an MLP, with an optional tanh output."""
+
+    def __init__(self, data_dim: int, latent_dim: int, hidden: Sequence[int], output_activation: str) -> None:
+        super().__init__()
+        self.net = build_mlp(latent_dim, hidden, data_dim)
+        self.out = nn.Tanh() if output_activation == "tanh" else nn.Identity()
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.out(self.net(z))
+
+
+def build_encoder(
+    data_shape: Sequence[int], out_features: int, width: int = 64, channels: Sequence[int] | None = None
+) -> nn.Module:
+    """Encoder (B, *data_shape) -> (B, out_features). MLPs use three hidden layers of `width`."""
+    shape = check_data_shape(data_shape)
+    if not is_image_shape(shape):
+        return build_mlp(shape[0], [width] * 3, out_features)
+    return ConvEncoder(shape, out_features, channels or default_channels(shape, width))
+
+
+def build_decoder(
+    data_shape: Sequence[int],
+    latent_dim: int,
+    width: int = 64,
+    channels: Sequence[int] | None = None,
+    output_activation: str = "tanh",
+) -> nn.Module:
+    """Decoder / generator (B, latent_dim) -> (B, *data_shape); `output_activation` "tanh" for
+    data in [-1, 1], "none" for unbounded data. Default channels mirror the encoder's."""
+    shape = check_data_shape(data_shape)
+    if output_activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(
+            f"Unknown output activation {output_activation!r}. Known: {', '.join(OUTPUT_ACTIVATIONS)}."
+        )
+    if not is_image_shape(shape):
+        return MLPDecoder(shape[0], latent_dim, [width] * 3, output_activation)
+    if channels is None:
+        halvings = conv_plan(shape[1], shape[2])[0]
+        channels = [width * 2**i for i in reversed(range(halvings + 1))]
+    return ConvDecoder(shape, latent_dim, channels, output_activation)
+
+
+class Squeeze(nn.Module):
+    """(B, 1) -> (B,)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.squeeze(-1)
+
+
+def build_critic(
+    data_shape: Sequence[int],
+    width: int = 64,
+    channels: Sequence[int] | None = None,
+    depth: int = 3,
+    spectral_norm: bool = False,
+) -> nn.Module:
+    """Critic (B, *data_shape) -> (B,) with LeakyReLU(0.2) (1-Lipschitz) and no batch norm.
+
+    Flat data get an MLP of `depth` hidden layers of `width`; images a convolutional critic.
+    `spectral_norm` wraps every linear and convolution layer in torch's spectral normalisation.
+    """
+    shape = check_data_shape(data_shape)
+    if not is_image_shape(shape):
+        body = build_mlp(shape[0], [width] * depth, 1, activation="leaky_relu", spectral_norm=spectral_norm)
+    else:
+        body = ConvEncoder(
+            shape,
+            1,
+            channels or default_channels(shape, width),
+            batch_norm=False,
+            leaky=True,
+            spectral_norm=spectral_norm,
+        )
+    return nn.Sequential(body, Squeeze())
