@@ -72,6 +72,7 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> PrimalDualC
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the models build their own (several) optimisers
     )
 
 

@@ -55,6 +55,15 @@ def scatter_png(path: str, real: Tensor, fake: Tensor, title: str) -> Tensor:
     return image  # (3, H, W)
 
 
+def image_grid(images: Tensor, nrow: int, value_range: tuple[float, float] | None, min_side: int = 32) -> Tensor:
+    """(N, C, H, W) -> (3, H', W') grid in [0, 1]; images smaller than `min_side` pixels are
+    enlarged (nearest neighbour) so that 8x8 digits stay visible."""
+    factor = max(1, -(-min_side // images.shape[-1]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    return make_grid(images, nrow=nrow, normalize=True, value_range=value_range, pad_value=1.0)
+
+
 def seeded_samples(pl_module: L.LightningModule, num_samples: int, seed: int) -> Tensor:
     """`pl_module.sample(num_samples)` under a fixed seed, leaving the global RNG state untouched,
     so a grid shows the same latent codes every epoch."""
@@ -112,7 +121,7 @@ class SampleGridCallback(L.Callback):
             real_points = torch.cat(real)[: self.num_samples] if real else samples[:0]
             image = scatter_png(path, real_points[:, :2], samples[:, :2], f"epoch {trainer.current_epoch}")
         else:  # (N, C, H, W) images
-            image = make_grid(samples, nrow=self.nrow, normalize=True, value_range=self.value_range, pad_value=1.0)
+            image = image_grid(samples, self.nrow, self.value_range)
             save_image(image, path)
         self.last_path = path
         log_image(trainer, "samples", image)

@@ -1,0 +1,85 @@
+"""The command line (train.py): help, configs, fit / validate / test, and bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from train import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "wae_digits.yaml")
+QUICK = ["--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "1"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs write runs/ below the working directory
+
+
+def test_help_lists_model_and_data_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--data" in out and "--trainer.max_epochs" in out
+
+
+def test_print_config_shows_the_offline_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", DIGITS, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "datamodules.DigitsDataModule" in out and "latent_penalty: mmd" in out
+
+
+def test_fit_validate_test_leave_checkpoint_images_and_summary(tmp_path, capsys):
+    cli_main(["fit", "--config", DIGITS, "--trainer.max_epochs", "5", "--trainer.limit_train_batches", "2", *QUICK])
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "wae_digits" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert (run_dir / "images" / "samples_epoch=0004.png").is_file()
+    assert "fit finished: epoch 5" in out and "val/recon" in out and "last.ckpt" in out and "images" in out
+
+    for command in ("validate", "test"):
+        cli_main([command, "--config", DIGITS, "--ckpt_path", str(last), *QUICK])
+        out = capsys.readouterr().out
+        assert f"{command} finished" in out and f"{'val' if command == 'validate' else 'test'}/primal" in out
+
+
+def test_short_class_names_and_data_shape_link():
+    cli = cli_main(["fit", "--model", "WAE", "--data", "GaussianMixtureDataModule", "--trainer.fast_dev_run", "true"])
+    assert cli.model.data_shape == (2,)
+    assert cli.trainer.state.finished
+
+
+@pytest.mark.parametrize(
+    "config, shape, decoder_channels",
+    [("wae_mnist.yaml", (1, 28, 28), [1024, 512, 256]), ("wae_celeba.yaml", (3, 64, 64), [1024, 512, 256, 128])],
+)
+def test_paper_configs_build_the_paper_networks(config, shape, decoder_channels):
+    cli = cli_main(["--config", str(ROOT / "configs" / config)], run=False)
+    assert cli.model.data_shape == shape
+    assert cli.model.hparams.decoder_channels == decoder_channels
+    assert cli.model.hparams.encoder_channels == [128, 256, 512, 1024]
+
+
+def test_missing_dataset_folder_is_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    args = ["fit", "--config", str(ROOT / "configs" / "wae_mnist.yaml"), "--data.init_args.data_dir", str(missing)]
+    with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*--data.download true"):
+        cli_main(args)
+
+
+def test_unknown_divergence_lists_the_known_ones():
+    args = ["--config", DIGITS, "--model.init_args.latent_penalty", "f", "--model.init_args.divergence", "kl2"]
+    with pytest.raises(ValueError, match="kl, reverse_kl, pearson"):
+        cli_main(args, run=False)
+
+
+def test_unknown_cost_is_refused_at_parse_time_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--config", DIGITS, "--model.init_args.cost", "l3"], run=False)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "l3" in err and "l2sq" in err
