@@ -3,3 +3,6 @@
 from callbacks.images import SampleGridCallback
 
 __all__ = ["SampleGridCallback"]
+from callbacks.fid import FIDCallback, FrechetFeatureDistance, frechet_distance  # noqa: E402
+
+__all__ += ["FIDCallback", "FrechetFeatureDistance", "frechet_distance"]

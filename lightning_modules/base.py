@@ -7,7 +7,8 @@ LightningModule with those methods works with them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -15,6 +16,17 @@ from torch import Tensor
 
 from lightning_modules.losses import check_prior_name, sample_prior
 from lightning_modules.networks import check_data_shape, is_image_shape
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode inside the block, its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 class GenerativeModule(L.LightningModule):
@@ -63,12 +75,8 @@ class GenerativeModule(L.LightningModule):
         Runs the decoder in eval mode (batch norm uses its running statistics) and restores the
         previous mode afterwards.
         """
-        was_training = self.decoder.training
-        self.decoder.eval()
-        try:
+        with eval_mode(self.decoder):
             return self.decode(self.sample_latent(num_samples, generator))
-        finally:
-            self.decoder.train(was_training)
 
     def batch_data(self, batch: Any) -> Tensor:
         """The data tensor of a batch ((x, y) tuples give x), checked against data_shape."""

@@ -6,7 +6,7 @@ the cost of its vector; the models average them over the batch.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence, get_args
+from typing import Callable, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
@@ -151,3 +151,20 @@ def prior_variance(name: str, dim: int) -> float:
     check_prior_name(name)
     return {"gaussian": 1.0, "sphere": 1.0 / dim, "cube": 1.0 / 3.0}[name]
 
+
+
+def gradient_penalty(
+    critic: Callable[[Tensor], Tensor], real: Tensor, fake: Tensor, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """WGAN-GP penalty E[(||grad_x h(x_hat)||_2 - 1)^2] at random interpolates
+    x_hat = t x + (1 - t) y, t ~ U[0, 1] per sample (Gulrajani et al. 2017).
+
+    critic: (B, ...) -> (B,); real, fake: (B, ...). Returns (penalty, mean gradient norm), the
+    penalty differentiable with respect to the critic's parameters.
+    """
+    t_shape = (real.shape[0],) + (1,) * (real.ndim - 1)
+    t = torch.rand(t_shape, generator=generator, dtype=real.dtype).to(real.device)  # (B, 1, ...)
+    x_hat = (t * real.detach() + (1.0 - t) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    norms = torch.linalg.vector_norm(grad.flatten(start_dim=1), dim=1)  # (B,)
+    return (norms - 1.0).pow(2).mean(), norms.detach().mean()

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from lightning_modules.spectral_norm import conv_operator_spectral_norm
+
 OUTPUT_ACTIVATIONS: tuple[str, ...] = ("tanh", "none")
 
 
@@ -85,13 +87,16 @@ class ConvEncoder(nn.Module):
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        in_ch = data_shape[0]
+        in_shape = tuple(data_shape)  # (C, H, W) entering the next convolution
         for out_ch in channels:
-            layers.append(_maybe_sn(nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), spectral_norm))
+            conv = nn.Conv2d(in_shape[0], out_ch, 4, stride=2, padding=1)
+            if spectral_norm:  # normalise the convolution operator, not the reshaped kernel
+                conv_operator_spectral_norm(conv, in_shape)
+            layers.append(conv)
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out_ch))
             layers.append(nn.LeakyReLU(0.2) if leaky else nn.ReLU())
-            in_ch = out_ch
+            in_shape = (out_ch, in_shape[1] // 2, in_shape[2] // 2)  # k=4, s=2, p=1 halves (floor)
         self.features = nn.Sequential(*layers)
         with torch.no_grad():
             flat = self.features(torch.zeros(2, *data_shape)).flatten(1).shape[1]
@@ -208,7 +213,9 @@ def build_critic(
     """Critic (B, *data_shape) -> (B,) with LeakyReLU(0.2) (1-Lipschitz) and no batch norm.
 
     Flat data get an MLP of `depth` hidden layers of `width`; images a convolutional critic.
-    `spectral_norm` wraps every linear and convolution layer in torch's spectral normalisation.
+    `spectral_norm` divides every layer by its operator norm: torch's spectral normalisation for
+    linear layers, `conv_operator_spectral_norm` for convolutions (torch's would normalise the
+    reshaped kernel, which does not bound the convolution operator).
     """
     shape = check_data_shape(data_shape)
     if not is_image_shape(shape):

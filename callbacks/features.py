@@ -1,0 +1,162 @@
+"""Domain feature extractor for FID on labelled datamodules (SPEC 6).
+
+A small convnet classifier is trained once on the datamodule's training split and saved; its
+penultimate layer (64 ReLU features) is the feature map of the Frechet distance, logged under the
+datamodule's name (`val/fid_digits`), never as Inception FID. It works offline and in seconds on
+the digits. The file records `dims` and `num_classes`; a file that matches is loaded, not retrained.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+FILE_FORMAT = 1  # bump when the architecture or the saved keys change
+
+
+def datamodule_feature_name(datamodule: Any) -> str:
+    """`DigitsDataModule` -> "digits", `MNISTDataModule` -> "mnist": the class name, lower case,
+    without "DataModule"."""
+    name = type(datamodule).__name__
+    name = name[: -len("DataModule")] if name.endswith("DataModule") and name != "DataModule" else name
+    return name.lower()
+
+
+class DomainFeatureNet(nn.Module):
+    """Convnet classifier for (C, H, W) images; `forward` returns its penultimate features.
+
+    conv3x3(C, 32) -> conv3x3/2(32, 64) -> conv3x3(64, 64) -> avg-pool to 4x4 -> linear(1024, 64)
+    -> ReLU = features (B, 64); `classify` adds linear(64, num_classes) for training.
+    """
+
+    def __init__(self, dims: tuple[int, ...], num_classes: int, num_features: int = 64, feature_name: str = "domain") -> None:
+        super().__init__()
+        if len(dims) != 3:
+            raise ValueError(f"the domain feature extractor needs image dims (C, H, W), got {tuple(dims)}")
+        self.dims = tuple(int(d) for d in dims)
+        self.num_classes = int(num_classes)
+        self.num_features = int(num_features)  # read by torchmetrics' FID
+        self.feature_name = feature_name  # the metric is logged as val/fid_<feature_name>
+        self.body = nn.Sequential(
+            nn.Conv2d(self.dims[0], 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(64 * 16, self.num_features), nn.ReLU(),
+        )
+        self.head = nn.Linear(self.num_features, self.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, num_features) penultimate-layer features."""
+        return self.body(x)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, num_classes) logits."""
+        return self.head(self.body(x))
+
+
+def _batches(loader: Any) -> Any:
+    """(x, y) pairs of a loader of `(x, y, ...)` batches."""
+    return ((batch[0], batch[1]) for batch in loader)
+
+
+def train_domain_features(
+    datamodule: L.LightningDataModule, steps: int = 500, lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[DomainFeatureNet, float | None]:
+    """Train a `DomainFeatureNet` on `datamodule.train_dataloader()` for `steps` Adam steps.
+
+    Runs under `torch.random.fork_rng`, so the caller's random state is untouched. Returns the
+    network (eval mode, no gradients) and its accuracy on the validation split (None if there is none).
+    """
+    device = torch.device(device)
+    net = DomainFeatureNet(datamodule.dims, datamodule.num_classes, feature_name=datamodule_feature_name(datamodule))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        torch.manual_seed(seed)
+        net.to(device).train()
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        step = 0
+        while step < steps:  # whole passes over the (reshuffled) training loader
+            start = step
+            for x, y in _batches(datamodule.train_dataloader()):
+                loss = F.cross_entropy(net.classify(x.to(device)), y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step >= steps:
+                    break
+            if step == start:
+                raise ValueError(f"{type(datamodule).__name__}.train_dataloader() yielded no batches to train the FID features on")
+    net.eval().requires_grad_(False)
+    return net, _accuracy(net, datamodule, device)
+
+
+@torch.no_grad()
+def _accuracy(net: DomainFeatureNet, datamodule: L.LightningDataModule, device: torch.device) -> float | None:
+    try:
+        loader = datamodule.val_dataloader()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    correct = total = 0
+    for x, y in _batches(loader):
+        correct += int((net.classify(x.to(device)).argmax(1).cpu() == y).sum())
+        total += len(y)
+    return correct / total if total else None
+
+
+def save_domain_features(net: DomainFeatureNet, path: str, val_accuracy: float | None = None) -> None:
+    """Write the network and what it was trained for; atomic (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    record = {
+        "format": FILE_FORMAT, "dims": list(net.dims), "num_classes": net.num_classes,
+        "num_features": net.num_features, "feature_name": net.feature_name, "val_accuracy": val_accuracy,
+        "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(record, tmp)
+    os.replace(tmp, path)
+
+
+def load_domain_features(path: str, dims: tuple[int, ...] | None = None, num_classes: int | None = None) -> DomainFeatureNet | None:
+    """The saved network, or None when the file is missing or was made for other dims / classes."""
+    if not os.path.exists(path):
+        return None
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if record.get("format") != FILE_FORMAT:
+        return None
+    if (dims is not None and tuple(record["dims"]) != tuple(dims)) or (num_classes is not None and record["num_classes"] != num_classes):
+        return None
+    net = DomainFeatureNet(tuple(record["dims"]), record["num_classes"], record["num_features"], record["feature_name"])
+    net.load_state_dict(record["state_dict"])
+    return net.eval().requires_grad_(False)
+
+
+def load_or_train_domain_features(
+    datamodule: L.LightningDataModule, path: str, trainer: L.Trainer | None = None, steps: int = 500, seed: int = 0
+) -> DomainFeatureNet:
+    """Load the extractor from `path` if it matches the datamodule's dims and num_classes; otherwise
+    train it on the training split and save it there. Under DDP only rank 0 trains; the others wait.
+    """
+    dims, num_classes = tuple(datamodule.dims), int(datamodule.num_classes)
+    is_zero = trainer is None or trainer.is_global_zero
+    if is_zero and load_domain_features(path, dims, num_classes) is None:
+        if os.path.exists(path):
+            warnings.warn(f"{path} was made for other data (not dims {dims}, {num_classes} classes); retraining and overwriting it")
+        device = trainer.strategy.root_device if trainer is not None else "cpu"
+        net, accuracy = train_domain_features(datamodule, steps=steps, seed=seed, device=device)
+        save_domain_features(net, path, accuracy)
+        acc = "n/a" if accuracy is None else f"{accuracy:.3f}"
+        rank_zero_info(f"FID domain features for {net.feature_name}: trained, val accuracy {acc}, saved to {path}")
+    if trainer is not None:
+        trainer.strategy.barrier("fid_domain_features")
+    net = load_domain_features(path, dims, num_classes)
+    if net is None:
+        raise FileNotFoundError(f"the FID domain feature extractor {path} was not written (is the folder shared by all ranks?)")
+    return net
