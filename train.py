@@ -40,6 +40,7 @@ class PrimalDualCLI(LightningCLI):
 
     def _print_summary(self, command: str) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank makes it
         if not trainer.is_global_zero:
             return
         lines = [f"\n{command} finished: epoch {trainer.current_epoch}, {trainer.global_step} optimiser steps."]
@@ -53,7 +54,6 @@ class PrimalDualCLI(LightningCLI):
             saved = getattr(checkpoint, "last_model_path", "") or checkpoint.best_model_path
             if saved:
                 lines.append(f"Checkpoint: {os.path.relpath(saved)}")
-        log_dir = trainer.log_dir or trainer.default_root_dir
         images = os.path.join(log_dir, "images")
         if os.path.isdir(images) and os.listdir(images):
             newest = max(os.listdir(images), key=lambda name: os.path.getmtime(os.path.join(images, name)))

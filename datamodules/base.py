@@ -24,7 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import transforms
 
 IMAGE_RANGE = (-1.0, 1.0)
@@ -93,6 +93,28 @@ def split_dataset(dataset: Dataset, fractions: Sequence[float], seed: int) -> li
         parts.append(Subset(dataset, perm[start : start + size]))
         start += size
     return parts
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A random order of the training set that depends only on (seed, epoch).
+
+    Lightning calls ``set_epoch`` before every training epoch, so epoch ``e`` always sees
+    ``randperm(n)`` drawn from ``seed + e``: a run resumed from a checkpoint replays the same
+    order as an uninterrupted one. Being a ``RandomSampler``, it is replaced by Lightning's
+    ``DistributedSampler`` (also seeded per epoch) under DDP.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -199,7 +221,7 @@ class BaseDataModule(L.LightningDataModule):
         self.train_set, self.val_set, self.test_set = self._load_splits()
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``seed``: the same order on every run."""
+        """Shuffled in an order fixed by ``seed`` and the epoch (``EpochShuffleSampler``)."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -214,8 +236,9 @@ class BaseDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
+            # workers' base seed is drawn from this generator, not from the global random state
+            generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,

@@ -7,10 +7,12 @@ LightningModule with those methods works with them.
 
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,15 +20,43 @@ from lightning_modules.losses import check_prior_name, sample_prior
 from lightning_modules.networks import check_data_shape, is_image_shape
 
 
+def collect_rng_states() -> dict[str, Any]:
+    """The torch, CUDA, numpy and Python random states, as types that `torch.load(weights_only=True)`
+    accepts (tensors, ints, lists), so that checkpoints stay loadable without trusting pickles."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of `collect_rng_states`."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 @contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """`module` in eval mode inside the block, its previous mode restored after."""
-    was_training = module.training
+    """`module` in eval mode inside the block; afterwards every submodule gets its own previous
+    mode back (a submodule kept in eval mode on purpose stays so)."""
+    flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, flag in flags:
+            m.training = flag
 
 
 class GenerativeModule(L.LightningModule):
@@ -44,6 +74,7 @@ class GenerativeModule(L.LightningModule):
         self.prior = prior
         # Manual optimisation throughout: adversarial models step several optimisers per batch.
         self.automatic_optimization = False
+        self._rng_states_to_restore: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         # Denormal floats (below 1.2e-38) in early convolution gradients slowed CPU training of the
@@ -91,6 +122,18 @@ class GenerativeModule(L.LightningModule):
             )
         return x
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the random states (torch, CUDA, numpy, Python) with the weights: the models draw
+        latent codes from them, so a resumed run needs them to replay an uninterrupted one."""
+        checkpoint["rng_states"] = collect_rng_states()
+
+    def on_train_epoch_start(self) -> None:
+        # Restored here, not at load time: the sanity-check validation of a resumed fit draws
+        # samples between loading and the first epoch, which the uninterrupted run did not.
+        if self._rng_states_to_restore is not None:
+            set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse weights whose shapes do not fit this model (another latent_dim, data shape or
         width), with the model's sizes in the message instead of torch's per-layer error."""
@@ -107,3 +150,4 @@ class GenerativeModule(L.LightningModule):
                 f"{'; '.join(mismatched[:3])}. Load it with the hyperparameters it was trained with "
                 "(do not override latent_dim, data_shape or widths), or train a new model."
             )
+        self._rng_states_to_restore = checkpoint.get("rng_states")
