@@ -193,6 +193,10 @@ class FIDCallback(L.Callback):
     def _per_rank(self, trainer: L.Trainer) -> int:
         return math.ceil(self.num_samples / trainer.world_size)
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning moves the module to its device after the `setup` hooks: follow it here.
+        self.metric.to(pl_module.device)
+
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
