@@ -1,5 +1,6 @@
 """Drop-in callbacks for any LightningModule with `sample(num_samples)` (and `encode`/`decode`)."""
 
+from callbacks.curves import MetricCurvesCallback
 from callbacks.fid import FIDCallback, FrechetFeatureDistance, frechet_distance
 from callbacks.generalization import GeneralizationGapCallback
 from callbacks.images import SampleGridCallback
@@ -11,6 +12,7 @@ __all__ = [
     "FrechetFeatureDistance",
     "GeneralizationGapCallback",
     "LatentInterpolationCallback",
+    "MetricCurvesCallback",
     "ReconstructionGridCallback",
     "SampleGridCallback",
     "SinkhornBoundCallback",
