@@ -4,6 +4,7 @@ from lightning_modules.base import GenerativeModule
 from lightning_modules.divergences import DIVERGENCE_NAMES, FDivergence, get_divergence
 from lightning_modules.fgan import FGAN
 from lightning_modules.primal_dual import PrimalDual
+from lightning_modules.sinkhorn_generator import SinkhornGenerator
 from lightning_modules.wae import WAE
 
-__all__ = ["DIVERGENCE_NAMES", "FDivergence", "FGAN", "GenerativeModule", "PrimalDual", "WAE", "get_divergence"]
+__all__ = ["DIVERGENCE_NAMES", "FDivergence", "FGAN", "GenerativeModule", "PrimalDual", "SinkhornGenerator", "WAE", "get_divergence"]
