@@ -154,7 +154,13 @@ class GeneralizationGapCallback(L.Callback):
         self.samples = (train, val)
         with torch.no_grad():
             bracket = wasserstein_bracket(
-                train.to(pl_module.device), val.to(pl_module.device), self.cost, self.tol, self.max_seconds, self.backend
+                train.to(pl_module.device),
+                val.to(pl_module.device),
+                self.cost,
+                self.tol,
+                self.max_seconds,
+                self.backend,
+                exact="auto",  # POT's exact value for small sets when it is installed
             )
         # Every rank solved the same problem; rank 0's answer is kept so a time budget cannot
         # make the ranks log different values.

@@ -310,7 +310,12 @@ class SinkhornGenerator(GenerativeModule):
         if trainer.is_global_zero:  # one solve, broadcast: ranks agree even if the time budget cuts it
             fake = self.sample(len(real), generator=torch.Generator().manual_seed(self.hparams.val_seed))
             bracket = wasserstein_bracket(
-                real, fake, cost=self.hparams.cost, tol=self.hparams.val_tol, max_seconds=self.hparams.val_max_seconds
+                real,
+                fake,
+                cost=self.hparams.cost,
+                tol=self.hparams.val_tol,
+                max_seconds=self.hparams.val_max_seconds,
+                exact="auto",  # POT's exact solver for small sets when installed: Sinkhorn is slow on tight 2-D clusters
             )
             bracket = (bracket.lower, bracket.upper, float(bracket.n))
         lower, upper, n = trainer.strategy.broadcast(bracket, src=0)

@@ -196,7 +196,7 @@ def test_exact_without_pot_names_the_install(monkeypatch):
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric WassersteinBound was called before")
 def test_metric_matches_function_over_several_updates():
     x, y = clouds(200, 160, 12, seed=8)
-    metric = WassersteinBound(cost="l2", max_seconds=None)
+    metric = WassersteinBound(cost="l2", max_seconds=None, exact=False)
     for rows_x, rows_y in [(slice(0, 50), slice(0, 100)), (slice(50, 200), slice(100, 160))]:
         metric.update(x[rows_x].reshape(-1, 3, 4), y[rows_y])
     lower, upper = metric.compute()
@@ -209,6 +209,17 @@ def test_metric_matches_function_over_several_updates():
     metric.reset()
     with pytest.raises(RuntimeError, match="update"):
         metric.compute()
+
+
+def test_exact_auto_uses_pot_for_small_sets_and_sinkhorn_for_large_ones(monkeypatch):
+    x, y = clouds(60, 50, 3, seed=2)
+    auto = wasserstein_bracket(x, y, "l2", exact="auto")
+    assert auto.lower == auto.upper == pytest.approx(exact_wasserstein(x, y, "l2"), rel=1e-12)
+    monkeypatch.setattr("callbacks.sinkhorn.EXACT_AUTO_ENTRIES", 60 * 50 - 1)
+    bracket = wasserstein_bracket(x, y, "l2", exact="auto", max_seconds=None)
+    assert bracket.eps > 0 and bracket.lower <= auto.lower <= bracket.upper
+    with pytest.raises(ValueError, match="auto"):
+        wasserstein_bracket(x, y, exact="yes")
 
 
 # ---- the callback in a real Trainer.fit ------------------------------------------------------------
