@@ -2,32 +2,241 @@
 
     python train.py fit --config configs/wae_digits.yaml
     python train.py fit --config configs/wae_digits.yaml --model.init_args.latent_penalty gan
+    python train.py fit --config configs/wae_digits.yaml --ckpt_path last      # resume the newest run
+    python train.py fit --config configs/wae_digits.yaml --trainer.devices 2 --trainer.strategy ddp
     python train.py fit --help
 
 Models and datamodules are chosen by class (`--model WAE`, `--data DigitsDataModule`, or any
 importable LightningModule / LightningDataModule by its full class path); the datamodule's
 `dims` is passed to the model as `data_shape`, so one model config fits every dataset.
+
+What the CLI adds to Lightning's (SPEC sections 8 and 9):
+- `--ckpt_path last` resumes the newest `last.ckpt` of the config's logger (`<save_dir>/<name>/
+  version_N/checkpoints`) and keeps logging into that version folder (Lightning alone would look
+  in a new, empty version folder and silently train from scratch). With nothing to resume, `fit`
+  starts from scratch (a requeued job can always pass `last`); `validate` / `test` stop.
+- `--ckpt_path FILE` is checked before any work: a missing, truncated or foreign file gets one
+  message naming the file and what is wrong with it.
+- DDP (`--trainer.strategy ddp`, or `auto` with several devices) runs modules that optimise
+  manually with `find_unused_parameters=True`: each of their backward passes reaches one network
+  only, which DDP's default reducer refuses. An explicit `ddp_find_unused_parameters_false` is kept.
+- Checkpoints are written by `AtomicCheckpointIO`: a temporary file beside the target, flushed,
+  then renamed over it, so a crash during a save leaves the previous checkpoint intact.
+- `python train.py` prints bad input (wrong shapes, unknown names, missing data, a bad checkpoint,
+  a non-finite loss, a callback the model cannot serve) as one message and exits with status 2;
+  PRIMAL_DUAL_TRACEBACK=1 shows the traceback. `cli_main` raises (tests, notebooks).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 import callbacks  # noqa: F401  (registers the callbacks for short names in configs)
 import datamodules  # noqa: F401  (registers the datamodules for --data NAME)
 import lightning_modules  # noqa: F401  (registers the models for --model NAME)
+from lightning_modules.base import NonFiniteError
+
+TRACEBACK_VARIABLE = "PRIMAL_DUAL_TRACEBACK"
+# What `python train.py` reports as one message (exit status 2) instead of a traceback: the
+# errors the project raises for bad input, each with a message that names the problem and the fix.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError, NonFiniteError)
+LOGGERS_WITH_VERSIONS = ("TensorBoardLogger", "CSVLogger")  # log dirs <save_dir>/<name>/version_N
+NAMED_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning (and "last" by the CLI first)
+
+
+class CheckpointFileError(ValueError):
+    """A `--ckpt_path` file that is not a readable Lightning checkpoint."""
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raise a clear error unless `path` is a readable Lightning checkpoint (SPEC 9).
+
+    Distinguishes a missing path, a folder, an empty file, a truncated file (a zip archive, the
+    format of `torch.save`, without its index), bytes that torch cannot read at all, and a torch
+    file without a `state_dict` (plain weights). Zip files are opened with `mmap`, so the check
+    reads the metadata only, not the tensors.
+    """
+    p = Path(path)
+    fix = "Pass a .ckpt file written by training (<save_dir>/<name>/version_N/checkpoints/*.ckpt), or `last`."
+    if not p.exists():
+        raise FileNotFoundError(f"--ckpt_path {p}: no such file. {fix}")
+    if p.is_dir():
+        found = sorted(q.name for q in p.rglob("*.ckpt"))[:3]
+        inside = f" (it holds {', '.join(found)})" if found else ""
+        raise IsADirectoryError(f"--ckpt_path {p} is a folder{inside}. {fix}")
+    size = p.stat().st_size
+    if size == 0:
+        raise CheckpointFileError(f"--ckpt_path {p} is empty (0 bytes): its write or copy was interrupted. {fix}")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    is_zip = head.startswith(b"PK")  # torch.save writes zip archives (since torch 1.6)
+    if not is_zip and not head.startswith(b"\x80"):  # nor a pickle: torch's legacy format
+        raise CheckpointFileError(
+            f"--ckpt_path {p} ({size} bytes) is not a checkpoint: torch.save files are zip archives (they start "
+            f"with b'PK') or pickles, and this file starts with {head!r}. {fix}"
+        )
+    if is_zip and not zipfile.is_zipfile(p):
+        raise CheckpointFileError(
+            f"--ckpt_path {p} ({size} bytes) is a truncated or damaged checkpoint: it starts as a torch.save "
+            "archive but the archive's index at its end is missing, so the file was cut short (an interrupted "
+            f"write or copy). Copy it again, or use an earlier checkpoint. {fix}"
+        )
+    try:
+        checkpoint = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as err:  # noqa: BLE001  (torch raises many types here; all mean "cannot read it")
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CheckpointFileError(f"--ckpt_path {p} ({size} bytes) cannot be read by torch.load: {reason.rstrip('.')}. {fix}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        keys = ", ".join(map(str, list(checkpoint)[:4])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointFileError(
+            f"--ckpt_path {p} is a torch file but not a Lightning checkpoint: it has no 'state_dict' (it holds "
+            f"{keys}). Plain weights (torch.save(model.state_dict())) load with model.load_state_dict(...) in "
+            f"Python, not through --ckpt_path. {fix}"
+        )
+
+
+def newest_last_checkpoint(log_root: Path) -> tuple[Path, int] | None:
+    """The most recently written last*.ckpt under `log_root`/version_N/checkpoints, with its N."""
+    found = []
+    for folder in log_root.glob("version_*"):
+        match = re.fullmatch(r"version_(\d+)", folder.name)
+        if match:
+            for ckpt in (folder / "checkpoints").glob("last*.ckpt"):
+                if re.fullmatch(r"last(-v?\d+)?\.ckpt", ckpt.name):
+                    found.append((ckpt.stat().st_mtime, int(match.group(1)), ckpt))
+    if not found:
+        return None
+    _, version, ckpt = max(found)
+    return ckpt, version
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint completely or not at all, on the checkpoint's own filesystem.
+
+    Lightning's default (`_atomic_save`, an fsspec transaction) writes a temporary file in the
+    system temp folder and moves it over the target: a rename when that folder is on the same
+    filesystem, but a copy into the truncated target when it is not (a node-local /tmp and a
+    shared checkpoint folder), so a crash during that copy destroys the previous checkpoint
+    (tests/test_resume.py shows both). Here the temporary file sits beside the target, is
+    flushed to disk, then renamed over it (`os.replace`, atomic on POSIX); temporary files of a
+    killed writer are removed at the next save of the same file. Remote URLs go to Lightning's.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        text = str(path)
+        if storage_options is not None or ("://" in text and not text.startswith("file://")):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(text.removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # one writer per file: leftovers of a crash
+            stale.unlink(missing_ok=True)
+        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(temporary, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            folder = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError:
+            pass  # some filesystems cannot fsync a folder; the file itself is on disk
 
 
 class PrimalDualCLI(LightningCLI):
-    """LightningCLI that links the datamodule's data shape into the model and ends every
-    command with a summary of the final metrics and of the files written."""
+    """LightningCLI that links the datamodule's data shape into the model, resolves and checks
+    `--ckpt_path`, makes DDP work for manual optimisation, writes checkpoints atomically and
+    ends every command with a summary of the final metrics and of the files written."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.dims", "model.init_args.data_shape", apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Before Lightning reads the checkpoint's hyperparameters (which would fail with torch's
+        # unpickling traceback on a bad file) and before anything is built.
+        self._resolve_ckpt_path()
+
+    def _resolve_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            self._resolve_last(subcommand, config)
+        elif ckpt_path not in NAMED_CKPT_PATHS and "://" not in str(ckpt_path) and not str(ckpt_path).startswith("registry:"):
+            check_checkpoint_file(ckpt_path)
+
+    def _resolve_last(self, subcommand: str, config: Any) -> None:
+        """`--ckpt_path last` -> the newest last.ckpt of the logger's version folders (see the module
+        docstring). Left to Lightning when checkpoints do not go to the logger's folder."""
+        logger = config.get("trainer", {}).get("logger")
+        logger = logger[0] if isinstance(logger, list) and logger else logger
+        class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+        if not class_path.endswith(LOGGERS_WITH_VERSIONS):
+            return
+        init_args = logger.get("init_args")
+        if init_args is None or init_args.get("version") is not None:
+            return
+        for callback in config.get("trainer", {}).get("callbacks") or []:
+            args = callback.get("init_args") if hasattr(callback, "get") else None
+            if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and args and args.get("dirpath"):
+                return  # an explicit checkpoint folder: Lightning's own "last" looks there
+        root = Path(init_args.get("save_dir") or config.get("trainer", {}).get("default_root_dir") or ".")
+        root = root / (init_args.get("name") or "")
+        found = newest_last_checkpoint(root)
+        if found is None:
+            if subcommand != "fit":
+                raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to {subcommand}. "
+                                        "Pass --ckpt_path PATH to a checkpoint file.")
+            rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints yet; training starts from scratch.")
+            config["ckpt_path"] = None
+            return
+        ckpt, version = found
+        config["ckpt_path"] = str(ckpt)
+        if subcommand == "fit":
+            init_args["version"] = version  # logs and checkpoints continue in the same folder
+        rank_zero_info(f"--ckpt_path last: {ckpt}" + (f" (logging continues in version_{version})" if subcommand == "fit" else ""))
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
+        if (
+            isinstance(strategy, DDPStrategy)
+            and isinstance(ddp_kwargs, dict)
+            and "find_unused_parameters" not in ddp_kwargs
+            and self.model is not None
+            and not self.model.automatic_optimization
+        ):
+            ddp_kwargs["find_unused_parameters"] = True  # read when the model is wrapped, at fit time
+            rank_zero_info(
+                f"DDP with find_unused_parameters=True: {type(self.model).__name__} optimises manually and each "
+                "backward reaches one network only, which DDP's default refuses."
+            )
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's plugin is kept
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         self._print_summary("fit")
@@ -76,5 +285,23 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> PrimalDualC
     )
 
 
+def main(args: Sequence[str] | None = None) -> int:
+    """`python train.py ...`: run the CLI and return the exit status. Bad input (USER_ERRORS) is
+    printed as one message on stderr with status 2, like a command-line parse error; set
+    PRIMAL_DUAL_TRACEBACK=1 to get the traceback instead."""
+    try:
+        cli_main(args)
+    except USER_ERRORS as err:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        # jsonargparse reports a class that failed to build as "Does not validate against any of
+        # the Union subtypes", with the whole config after it; the model's own message is its cause.
+        while err.__cause__ is not None and "Does not validate against any of the Union subtypes" in str(err):
+            err = err.__cause__
+        print(f"error: {type(err).__name__}: {err}\n(set {TRACEBACK_VARIABLE}=1 for the traceback)", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

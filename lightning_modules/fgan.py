@@ -54,6 +54,9 @@ class FGAN(GenerativeModule):
         critic_width, critic_channels, critic_depth: critic size (MLP depth for vector data).
         lr, critic_lr, betas: Adam settings of the generator and of the critic.
         output_activation: "auto" (tanh for images, none for vectors), "tanh" or "none".
+        skip_nonfinite_critic_steps: skip a critic step whose loss is NaN or infinite (no update,
+            optimiser state untouched; counted in `train/skipped_critic_steps`) instead of stopping.
+            A non-finite generator loss always stops training.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class FGAN(GenerativeModule):
         critic_lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: Literal["auto", "tanh", "none"] = "auto",
+        skip_nonfinite_critic_steps: bool = False,
     ) -> None:
         super().__init__(data_shape, latent_dim, prior)
         self.save_hyperparameters()
@@ -157,26 +161,33 @@ class FGAN(GenerativeModule):
     def training_step(self, batch: Any, batch_idx: int) -> None:
         real = self.batch_data(batch)  # (B, *data_shape)
         opt_generator, opt_critic = self.optimizers()
+        values, skipped = {}, 0
         self.toggle_optimizer(opt_critic)
         for _ in range(self.hparams.n_critic):
             fake = self.decode(self.sample_latent(real.shape[0])).detach()
             loss, objective, grad_norm = self.critic_loss(real, fake)
+            if not self.check_finite("train/critic_loss", loss, critic=True):
+                skipped += 1  # no backward, no step: critic and optimiser state as they were
+                continue
             opt_critic.zero_grad()
             self.manual_backward(loss)
             opt_critic.step()
+            values = {"train/critic_objective": objective, "train/critic_loss": loss}
+            if grad_norm is not None:
+                values["train/gradient_norm"] = grad_norm
         self.untoggle_optimizer(opt_critic)
 
         self.toggle_optimizer(opt_generator)
         generator_loss = self.generator_loss(self.decode(self.sample_latent(real.shape[0])))
+        self.check_finite("train/generator_loss", generator_loss)
         opt_generator.zero_grad()
         self.manual_backward(generator_loss)
         opt_generator.step()
         self.untoggle_optimizer(opt_generator)
 
-        values = {"train/critic_objective": objective, "train/critic_loss": loss, "train/generator_loss": generator_loss}
-        if grad_norm is not None:
-            values["train/gradient_norm"] = grad_norm
+        values["train/generator_loss"] = generator_loss
         self.log_dict({k: v.detach() for k, v in values.items()}, on_step=True, on_epoch=True)
+        self.log_skipped_critic_steps(skipped)
 
     def _certify_critic(self) -> None:
         # The critic does not change during evaluation: one certificate per epoch.

@@ -109,6 +109,9 @@ class PrimalDual(GenerativeModule):
         lr: Adam learning rate of the encoder and generator; critic_lr: data critic;
             latent_critic_lr: latent critic. betas: Adam betas of all three.
         output_activation: "auto" (tanh for images in [-1, 1], none for vectors), "tanh", "none".
+        skip_nonfinite_critic_steps: skip a critic step (latent or data critic) whose loss is NaN or
+            infinite (no update, optimiser state untouched; counted in `train/skipped_critic_steps`)
+            instead of stopping. A non-finite encoder / generator loss always stops training.
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class PrimalDual(GenerativeModule):
         latent_critic_lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: Literal["auto", "tanh", "none"] = "auto",
+        skip_nonfinite_critic_steps: bool = False,
     ) -> None:
         super().__init__(data_shape, latent_dim, prior)
         self.save_hyperparameters()
@@ -320,14 +324,19 @@ class PrimalDual(GenerativeModule):
         batch_size = x.shape[0]
         opt_ae, opt_latent, opt_critic = self.optimizers()
         z = self.encode(x)  # (B, d_z)
+        values, skipped = {}, 0  # critic values of the last step taken; steps skipped (non-finite)
 
         # The latent critic T ascends its estimate of D_f(Q_Z || P_Z) (as the f-WAE's).
         self.toggle_optimizer(opt_latent)
         for _ in range(self.hparams.n_critic):
             latent_objective = self.latent_divergence_critic(z.detach(), self.sample_latent(batch_size).to(z.dtype))
+            if not self.check_finite("train/latent_critic_loss", -latent_objective, critic=True):
+                skipped += 1  # no backward, no step: T and its optimiser state as they were
+                continue
             opt_latent.zero_grad()
             self.manual_backward(-latent_objective)
             opt_latent.step()
+            values["train/latent_critic_objective"] = latent_objective
         self.untoggle_optimizer(opt_latent)
 
         # The data critic h ascends the dual value (as the Lipschitz f-GAN's), fresh fakes each step.
@@ -335,34 +344,38 @@ class PrimalDual(GenerativeModule):
         for _ in range(self.hparams.n_critic):
             fake = self.decode(self.sample_latent(batch_size)).detach()
             critic_loss, dual_objective, grad_norm = self.critic_loss(x, fake)
+            if not self.check_finite("train/critic_loss", critic_loss, critic=True):
+                skipped += 1
+                continue
             opt_critic.zero_grad()
             self.manual_backward(critic_loss)
             opt_critic.step()
+            values.update({"train/critic_objective": dual_objective, "train/critic_loss": critic_loss})
+            if grad_norm is not None:
+                values["train/gradient_norm"] = grad_norm
         self.untoggle_optimizer(opt_critic)
 
         # E descends the primal; G descends alpha * primal + (1 - alpha) * dual generator loss.
         self.toggle_optimizer(opt_ae)
         primal, recon, penalty = self.primal_loss(x, z, self.sample_latent(batch_size).to(z.dtype))
+        self.check_finite("train/primal", primal)
         dual_generator = None
         if self.hparams.alpha < 1.0:
             dual_generator = self.dual_generator_loss(self.decode(self.sample_latent(batch_size)))
+            self.check_finite("train/dual_generator_loss", dual_generator)
         opt_ae.zero_grad()
         self._backward_encoder_generator(primal, dual_generator)
         opt_ae.step()
         self.untoggle_optimizer(opt_ae)
 
-        values = {
+        values.update({
             "train/recon": recon,
             "train/latent_divergence_critic": penalty,
             "train/primal": primal,
-            "train/latent_critic_objective": latent_objective,
-            "train/critic_objective": dual_objective,
-            "train/critic_loss": critic_loss,
             "train/generator_loss": self.combined_generator_loss(primal, dual_generator),
-        }
-        if grad_norm is not None:
-            values["train/gradient_norm"] = grad_norm
+        })
         self.log_dict({k: v.detach() for k, v in values.items()}, on_step=True, on_epoch=True)
+        self.log_skipped_critic_steps(skipped)
 
     def _backward_encoder_generator(self, primal: Tensor, dual_generator: Tensor | None) -> None:
         """Gradients: encoder d(primal)/dE; generator d/dG [alpha * primal + (1 - alpha) * dual_generator].

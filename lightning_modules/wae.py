@@ -53,6 +53,9 @@ class WAE(GenerativeModule):
         n_critic: latent critic steps per autoencoder step.
         lr, critic_lr, betas: Adam settings of the autoencoder and of the latent critic.
         output_activation: "auto" (tanh for images in [-1, 1], none for vectors), "tanh", "none".
+        skip_nonfinite_critic_steps: skip a latent critic step whose loss is NaN or infinite (no
+            update, optimiser state untouched; counted in `train/skipped_critic_steps`) instead of
+            stopping. A non-finite autoencoder loss always stops training.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class WAE(GenerativeModule):
         critic_lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: Literal["auto", "tanh", "none"] = "auto",
+        skip_nonfinite_critic_steps: bool = False,
     ) -> None:
         super().__init__(data_shape, latent_dim, prior)
         self.save_hyperparameters()
@@ -127,10 +131,13 @@ class WAE(GenerativeModule):
 
     # ---- training -----------------------------------------------------------------------------
 
-    def _critic_step(self, z: Tensor, optimizer: Any) -> Tensor:
-        """One ascent step of the latent critic on the variational estimate; returns it."""
+    def _critic_step(self, z: Tensor, optimizer: Any) -> Tensor | None:
+        """One ascent step of the latent critic on the variational estimate; returns it (None when
+        the step was skipped for a non-finite loss)."""
         z_prior = self.sample_latent(z.shape[0]).to(z.dtype)
         objective = self.divergence.variational_estimate(self.latent_critic(z), self.latent_critic(z_prior))
+        if not self.check_finite("train/latent_critic_loss", -objective, critic=True):
+            return None
         optimizer.zero_grad()
         self.manual_backward(-objective)
         optimizer.step()
@@ -142,13 +149,16 @@ class WAE(GenerativeModule):
         opt_ae = optimizers[0] if isinstance(optimizers, list) else optimizers
         z = self.encode(x)  # (B, d_z)
         if self.latent_critic is not None:
-            for _ in range(self.hparams.n_critic):
-                critic_objective = self._critic_step(z.detach(), optimizers[1])
-            self.log("train/critic_objective", critic_objective, on_step=False, on_epoch=True)
+            objectives = [self._critic_step(z.detach(), optimizers[1]) for _ in range(self.hparams.n_critic)]
+            done = [objective for objective in objectives if objective is not None]
+            if done:
+                self.log("train/critic_objective", done[-1], on_step=False, on_epoch=True)
+            self.log_skipped_critic_steps(len(objectives) - len(done))
 
         recon = self.reconstruction_cost(x, self.decode(z))
         penalty, penalty_loss = self.latent_penalty(z)
         loss = recon + self.hparams.lambda_ * penalty_loss
+        self.check_finite("train/autoencoder_loss", loss)
         opt_ae.zero_grad()
         self.manual_backward(loss)
         opt_ae.step()
