@@ -76,9 +76,9 @@ def train_domain_features(
     network (eval mode, no gradients) and its accuracy on the validation split (None if there is none).
     """
     device = torch.device(device)
-    net = DomainFeatureNet(datamodule.dims, datamodule.num_classes, feature_name=datamodule_feature_name(datamodule))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the initial weights too: attaching FID must not move training's random stream
+        net = DomainFeatureNet(datamodule.dims, datamodule.num_classes, feature_name=datamodule_feature_name(datamodule))
         net.to(device).train()
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         step = 0
@@ -133,7 +133,8 @@ def load_domain_features(path: str, dims: tuple[int, ...] | None = None, num_cla
         return None
     if (dims is not None and tuple(record["dims"]) != tuple(dims)) or (num_classes is not None and record["num_classes"] != num_classes):
         return None
-    net = DomainFeatureNet(tuple(record["dims"]), record["num_classes"], record["num_features"], record["feature_name"])
+    with torch.random.fork_rng(devices=[]):  # the random initial weights are overwritten: leave the caller's stream alone
+        net = DomainFeatureNet(tuple(record["dims"]), record["num_classes"], record["num_features"], record["feature_name"])
     net.load_state_dict(record["state_dict"])
     return net.eval().requires_grad_(False)
 

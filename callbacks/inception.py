@@ -54,7 +54,8 @@ def load_inception(weights_path: str | None = None) -> nn.Module:
         raise FileNotFoundError(f"InceptionV3 weights file {os.path.abspath(weights_path)} (inception_weights_path) does not exist")
     path = weights_path or (cached_weights_path() if os.path.isfile(cached_weights_path()) else None)
     try:
-        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path)
+        with torch.random.fork_rng(devices=[]):  # its random initial weights are replaced: keep training's stream
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path)
     except (OSError, RuntimeError) as err:  # URLError, timeouts and SSL errors are OSErrors
         if path is not None:
             raise

@@ -243,7 +243,7 @@ def sinkhorn(
     """
     it, err = 0, math.inf
     stage = eps_start if eps_start is not None else eps
-    while stage > eps and it < max_iter:
+    while stage > eps and it < max_iter and time.perf_counter() < deadline:
         f, g, err = sinkhorn_pass(C, f, g, stage)
         it, stage = it + 1, stage * scaling
     omega_max = max(omega, 1.9) if overrelax else 1.0
@@ -461,7 +461,9 @@ def solve(
     if warm_start == "geomloss" and C.full is not None and geomloss_schedule_length(stage_eps, stats.max, scaling) <= max_iter:
         f, g, it = geomloss_potentials(C, stage_eps, stats.max, scaling)
     else:
-        f, g, it, _, _ = sinkhorn(C, f, g, stage_eps, eps_start=stats.max, scaling=scaling, marg_tol=math.inf, max_iter=max_iter)
+        f, g, it, _, _ = sinkhorn(
+            C, f, g, stage_eps, eps_start=stats.max, scaling=scaling, marg_tol=math.inf, max_iter=max_iter, deadline=deadline
+        )
 
     if eps is not None:  # fixed temperature: iterate until the marginals are tight, certify once
         f, g, k, _, _ = sinkhorn(C, f, g, eps, marg_tol=marg_tol, max_iter=max_iter - it, deadline=deadline)
@@ -488,6 +490,7 @@ def solve(
             prev_width, target = width, 0.25 * cert.marginal_error
         new_eps = stage_eps * min(0.5, max(0.05, 0.5 * tol * upper / (upper - lower)))
         f, g, k, _, _ = sinkhorn(
-            C, f, g, new_eps, eps_start=stage_eps * scaling, scaling=scaling, marg_tol=math.inf, max_iter=max_iter - it
+            C, f, g, new_eps, eps_start=stage_eps * scaling, scaling=scaling, marg_tol=math.inf, max_iter=max_iter - it,
+            deadline=deadline,
         )
         it, stage_eps = it + k, new_eps

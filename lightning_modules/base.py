@@ -120,9 +120,9 @@ class GenerativeModule(L.LightningModule):
         return output_activation
 
     def sample_latent(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Latent codes from the prior P_Z on the module's device. -> (num_samples, latent_dim)."""
+        """Latent codes from the prior P_Z on the module's device and in its dtype. -> (num_samples, latent_dim)."""
         z = sample_prior(self.prior, num_samples, self.latent_dim, generator=generator)
-        return z.to(self.device)
+        return z.to(device=self.device, dtype=self.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
         """G(z). (B, latent_dim) -> (B, *data_shape)."""

@@ -88,7 +88,13 @@ class ConvEncoder(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         in_shape = tuple(data_shape)  # (C, H, W) entering the next convolution
-        for out_ch in channels:
+        for i, out_ch in enumerate(channels):
+            if min(in_shape[1:]) < 2:  # a 4x4 stride-2 convolution needs at least 2x2 pixels
+                raise ValueError(
+                    f"The encoder halves the image once per channel entry, so images of shape "
+                    f"{tuple(data_shape)} allow at most {i} entries; got {list(channels)}. Use fewer "
+                    "encoder_channels (or critic_channels), or larger images."
+                )
             conv = nn.Conv2d(in_shape[0], out_ch, 4, stride=2, padding=1)
             if spectral_norm:  # normalise the convolution operator, not the reshaped kernel
                 conv_operator_spectral_norm(conv, in_shape)
@@ -125,8 +131,8 @@ class ConvDecoder(nn.Module):
             halvings = conv_plan(height, width)[0]
             raise ValueError(
                 f"The decoder doubles its grid once per channel entry after the first, so for images of "
-                f"shape {tuple(data_shape)} it needs at most {halvings + 1} entries with both sides "
-                f"divisible by 2^(entries - 1); got {list(channels)}."
+                f"shape {tuple(data_shape)} it needs 1 or more entries with both sides divisible by "
+                f"2^(entries - 1) (the default has {halvings + 1}); got {list(channels)}."
             )
         base_h, base_w = height // 2**doublings, width // 2**doublings
         self.base = (channels[0], base_h, base_w)

@@ -81,8 +81,6 @@ def test_cli_refuses_a_decoder_that_does_not_fit_the_images(capsys):
     assert_one_message(capsys, "ValueError: The decoder", "images of shape (1, 8, 8)", "[64, 32, 16, 8, 4]")
 
 
-@pytest.mark.xfail(strict=True, reason="networks.ConvEncoder builds its stride-2 convolutions without checking them "
-                   "against the image size; torch's conv2d error comes out instead (see the helper's report)")
 def test_cli_refuses_the_paper_encoder_on_8x8_digits(capsys):
     """The MNIST config's four stride-2 convolutions cannot run on 8x8 digits."""
     assert main(["fit", "--config", str(ROOT / "configs" / "wae_mnist.yaml"), "--data", "DigitsDataModule"]) == 2

@@ -1,0 +1,450 @@
+"""Sample quality of every model of the project, and of pythae's WAE-MMD, on the offline digits.
+
+Each model is trained on the training split of scikit-learn's 8x8 digits (1437 images, the
+DigitsDataModule's default split, seed 0) with the same budget: `--epochs` epochs, batch size 64,
+the same network widths (decoder / generator and encoder `width` 64, data critics 64, latent
+critics 256 x 3 layers), otherwise at the settings of its digits config (configs/*_digits.yaml:
+latent size, learning rates, lambda, n_critic, ...). Validation is off during training; the
+last-epoch weights are evaluated. Three training seeds (`--seeds`) change the initial weights
+and the latent draws (the data split and shuffling order stay those of the datamodule's seed 0).
+
+After training, `--num-samples` (1437) samples are drawn (fixed latent seed) and compared with the
+1437 training images by
+- domain FID: the Frechet distance between Gaussian fits of the digits domain classifier's 64
+  features (callbacks.features, the features of `FIDCallback(feature_extractor="domain")`,
+  val/fid_digits; NOT Inception FID);
+- the certified Sinkhorn bracket `wasserstein_bracket(train, samples, cost="l2sq", tol=0.01)`
+  (SPEC 5): `w_upper` >= W_c(train, samples) >= `w_lower`, c = |x - y|^2 on pixels in [-1, 1].
+Reference row: the 360 held-out images (validation + test split) in place of samples (n = 360,
+so its FID is biased upward relative to the models' n = 1437: a floor, not a target).
+
+Models: WAE-MMD, WAE-GAN, f-WAE (kl), f-GAN (jensen_shannon, kl, pearson), the Lipschitz f-GAN
+(kl, spectrally normalised critic), PrimalDual (alpha 0.5), SinkhornGenerator (skipped, with a
+note, if `lightning_modules.sinkhorn_generator` is missing) and pythae's WAE_MMD (the project's
+digits encoder / decoder in pythae's wrappers, trained by pythae's BaseTrainer at the WAE-MMD
+row's settings: lambda 10, IMQ, lr 1e-3, betas (0.5, 0.999), batch 64).
+
+Jobs run in `--workers` processes of `--threads` torch threads each (default 2 x 1: tiny networks
+gain more from two processes than from two threads). Timings here are not benchmarks.
+
+    python benchmarks/quality.py --quick       # 10 epochs, 3 seeds, 2 workers: a few minutes
+    python benchmarks/quality.py               # 50 epochs (the wae_digits config's), 3 seeds
+
+Writes benchmarks/results/quality[_quick].csv (one row per model and seed), .json, and .png
+(64 samples of each model, seed 0, side by side, with the data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from statistics import mean, stdev
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+NAME = "quality"
+FEATURE_PATH = os.path.join(common.ROOT, "runs", "benchmarks", "fid_features_digits_1x8x8.pt")
+BATCH_SIZE = 64
+WIDTH = 64
+CRITIC_WIDTH = 64
+LATENT_CRITIC = {"width": 256, "depth": 3}
+COST = "l2sq"
+
+# name, digits config to start from, class path (None: the config's), overrides of its init_args.
+MODELS: list[tuple[str, str, str | None, dict[str, Any]]] = [
+    ("WAE-MMD", "wae_digits", None, {"latent_penalty": "mmd"}),
+    ("WAE-GAN", "wae_digits", None, {"latent_penalty": "gan", "lambda_": 1.0}),
+    ("f-WAE (kl)", "wae_digits", None, {"latent_penalty": "f", "divergence": "kl", "lambda_": 1.0}),
+    ("f-GAN (jensen_shannon)", "fgan_digits", None, {"divergence": "jensen_shannon"}),
+    ("f-GAN (kl)", "fgan_digits", None, {"divergence": "kl"}),
+    ("f-GAN (pearson)", "fgan_digits", None, {"divergence": "pearson"}),
+    ("Lipschitz f-GAN (kl, SN)", "fgan_digits", None, {"divergence": "kl", "lipschitz": "spectral_norm"}),
+    ("PrimalDual (alpha 0.5)", "primal_dual_digits", "lightning_modules.primal_dual.PrimalDual", {"alpha": 0.5}),
+    ("SinkhornGenerator", "sinkhorn_digits", "lightning_modules.sinkhorn_generator.SinkhornGenerator", {}),
+    ("pythae WAE_MMD", "wae_digits", "pythae", {"latent_penalty": "mmd"}),
+]
+
+
+def load_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(class path, init_args) of configs/<name>.yaml; (None, {}) when the file is missing."""
+    import yaml
+
+    path = os.path.join(common.ROOT, "configs", f"{name}.yaml")
+    if not os.path.exists(path):
+        return "", {}
+    with open(path) as handle:
+        model = yaml.safe_load(handle)["model"]
+    return model["class_path"], dict(model.get("init_args") or {})
+
+
+def equal_budget(class_path: str, init_args: dict[str, Any]) -> dict[str, Any]:
+    """The init_args with the widths made equal across models (only the arguments the class has)."""
+    import inspect
+
+    cls = import_class(class_path)
+    params = inspect.signature(cls.__init__).parameters
+    wanted = {"width": WIDTH, "encoder_channels": None, "decoder_channels": None, "generator_channels": None,
+              "critic_channels": None}
+    if "latent_critic_width" in params:  # PrimalDual: a data critic and a latent critic
+        wanted.update(critic_width=CRITIC_WIDTH, latent_critic_width=LATENT_CRITIC["width"],
+                      latent_critic_depth=LATENT_CRITIC["depth"])
+    elif "latent_penalty" in params:  # WAE: its critic is the latent critic
+        wanted.update(critic_width=LATENT_CRITIC["width"], critic_depth=LATENT_CRITIC["depth"])
+    else:  # FGAN: a data critic
+        wanted.update(critic_width=CRITIC_WIDTH)
+    return {**init_args, **{k: v for k, v in wanted.items() if k in params}}
+
+
+def import_class(class_path: str) -> type:
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def model_jobs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(jobs, skipped models with the reason)."""
+    jobs, skipped = [], []
+    for name, config, class_path, overrides in MODELS:
+        if args.models and name not in args.models:
+            continue
+        config_class, init_args = load_config(config)
+        if class_path == "pythae":
+            if args.no_pythae:
+                skipped.append({"model": name, "note": "skipped: --no-pythae"})
+                continue
+            try:
+                common.import_pythae()
+            except ModuleNotFoundError as err:
+                skipped.append({"model": name, "note": f"skipped: {err}"})
+                continue
+        else:
+            class_path = class_path or config_class
+            try:
+                import_class(class_path)
+            except (ImportError, AttributeError) as err:
+                skipped.append({"model": name, "note": f"skipped: {class_path} is not available ({err})"})
+                continue
+        if not init_args:
+            skipped.append({"model": name, "note": f"skipped: configs/{config}.yaml not found"})
+            continue
+        init_args = {**init_args, **overrides}
+        if class_path != "pythae":
+            init_args = equal_budget(class_path, init_args)
+        for seed in args.seeds:
+            jobs.append({"model": name, "class_path": class_path, "init_args": init_args, "seed": seed,
+                         "epochs": args.epochs, "num_samples": args.num_samples, "threads": args.threads,
+                         "keep_samples": seed == args.seeds[0], "bracket_seconds": args.bracket_seconds})
+    return jobs, skipped
+
+
+# ---- one training run (in a worker process) -------------------------------------------------------
+
+
+def quiet() -> None:
+    import warnings
+
+    common.quiet_lightning()
+    warnings.filterwarnings("ignore")
+
+
+def digits(seed: int = 0) -> Any:
+    from datamodules import DigitsDataModule
+
+    datamodule = DigitsDataModule(batch_size=BATCH_SIZE, seed=seed)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def split_images(subset: Any) -> Any:
+    import torch
+
+    return torch.stack([subset[i][0] for i in range(len(subset))])  # (N, 1, 8, 8)
+
+
+def train_lightning(job: dict[str, Any], datamodule: Any) -> Any:
+    import lightning as L
+
+    cls = import_class(job["class_path"])
+    model = cls(data_shape=datamodule.dims, **job["init_args"])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=job["epochs"], limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=os.path.join(common.ROOT, "runs", "benchmarks"),
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return lambda n, generator: model.sample(n, generator=generator)
+
+
+def train_pythae(job: dict[str, Any], datamodule: Any) -> Any:
+    """pythae's WAE_MMD with the WAE-MMD row's networks and settings, trained by its BaseTrainer."""
+    import contextlib
+    import io
+    import tempfile
+
+    import torch
+    from pythae.data.datasets import BaseDataset
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig
+
+    from lightning_modules.networks import build_decoder, build_encoder
+
+    a = job["init_args"]
+    shape, latent = datamodule.dims, a["latent_dim"]
+    model = common.pythae_wae_mmd(build_encoder(shape, latent, WIDTH), build_decoder(shape, latent, WIDTH, None, "tanh"),
+                                  shape, latent, a["lambda_"])
+    train = datamodule.train_set
+    dataset = BaseDataset(split_images(train), torch.stack([train[i][1] for i in range(len(train))]))
+    with tempfile.TemporaryDirectory(prefix="pythae_quality_") as out, contextlib.redirect_stderr(io.StringIO()):
+        config = BaseTrainerConfig(output_dir=out, num_epochs=job["epochs"], per_device_train_batch_size=BATCH_SIZE,
+                                   learning_rate=a["lr"], optimizer_params={"betas": tuple(a["betas"])}, no_cuda=True,
+                                   seed=job["seed"])
+        trainer = BaseTrainer(model, train_dataset=dataset, training_config=config)
+        trainer.train()
+    model = trainer.model.eval()  # the last epoch's weights, as for the other models
+
+    @torch.no_grad()
+    def sample(n: int, generator: Any) -> Any:
+        z = torch.randn(n, latent, generator=generator)
+        return model.decoder(z)["reconstruction"]
+
+    return sample
+
+
+def train_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run and its evaluation; a failure becomes a row with its `error`, so that one
+    broken model does not stop the table."""
+    import traceback
+
+    try:
+        return _train_one(job)
+    except Exception as err:  # reported in the table and the CSV
+        traceback.print_exc()
+        return {"model": job["model"], "seed": job["seed"], "epochs": job["epochs"], "train_seconds": float("nan"),
+                "finite": False, "samples": None, "fid": None, "w_lower": None, "w_upper": None, "w_converged": None,
+                "w_relative_width": None, "error": f"{type(err).__name__}: {err}"}
+
+
+def _train_one(job: dict[str, Any]) -> dict[str, Any]:
+    import lightning as L
+    import torch
+
+    from callbacks.features import load_domain_features
+    from callbacks.fid import FrechetFeatureDistance
+    from callbacks.sinkhorn import wasserstein_bracket
+
+    common.set_torch_threads(job["threads"])
+    quiet()
+    L.seed_everything(job["seed"], verbose=False)
+    datamodule = digits()
+    start = time.perf_counter()
+    if job["class_path"] == "pythae":
+        common.import_pythae()
+        sample = train_pythae(job, datamodule)
+    else:
+        sample = train_lightning(job, datamodule)
+    seconds = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(10_000 + job["seed"])
+    samples = torch.cat([sample(min(500, job["num_samples"] - i), generator).detach()
+                         for i in range(0, job["num_samples"], 500)])  # (n, 1, 8, 8)
+    result = {k: job[k] for k in ("model", "seed", "epochs")}
+    result.update(train_seconds=seconds, finite=bool(torch.isfinite(samples).all()),
+                  samples=samples[:64].tolist() if job["keep_samples"] else None)
+    result.update(evaluate(samples, split_images(datamodule.train_set), job["bracket_seconds"],
+                           load_domain_features(FEATURE_PATH), FrechetFeatureDistance, wasserstein_bracket))
+    return result
+
+
+def evaluate(samples: Any, real: Any, bracket_seconds: float, extractor: Any, fid_cls: Any, bracket_fn: Any) -> dict[str, Any]:
+    """Domain FID and the certified bracket between real images and samples (None when non-finite)."""
+    import torch
+
+    if extractor is None:
+        raise FileNotFoundError(f"the digits domain feature extractor {FEATURE_PATH} is missing; the parent trains it")
+    if not torch.isfinite(samples).all():
+        return {"fid": None, "w_lower": None, "w_upper": None, "w_converged": None, "w_relative_width": None}
+    metric = fid_cls(extractor)
+    with torch.inference_mode():
+        metric.update(real, real=True)
+        metric.update(samples.float(), real=False)
+        fid = float(metric.compute())
+    bracket = bracket_fn(real, samples, cost=COST, tol=0.01, max_seconds=bracket_seconds)
+    return {"fid": fid, "w_lower": bracket.lower, "w_upper": bracket.upper, "w_converged": bracket.converged,
+            "w_relative_width": bracket.relative_width}
+
+
+def reference_row(bracket_seconds: float) -> dict[str, Any]:
+    """The held-out images (validation + test splits) in place of samples."""
+    import torch
+
+    from callbacks.features import load_domain_features
+    from callbacks.fid import FrechetFeatureDistance
+    from callbacks.sinkhorn import wasserstein_bracket
+
+    datamodule = digits()
+    datamodule.setup("test")
+    held_out = torch.cat([split_images(datamodule.val_set), split_images(datamodule.test_set)])
+    row = {"model": f"data: held-out images (n = {len(held_out)})", "seed": 0, "epochs": 0, "train_seconds": 0.0,
+           "finite": True, "samples": held_out[:64].tolist()}
+    row.update(evaluate(held_out, split_images(datamodule.train_set), bracket_seconds, load_domain_features(FEATURE_PATH),
+                        FrechetFeatureDistance, wasserstein_bracket))
+    return row
+
+
+# ---- summary, table, plot -----------------------------------------------------------------------
+
+
+def _stats(values: list[float | None]) -> tuple[float | None, float | None, int]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None, 0
+    return mean(finite), (stdev(finite) if len(finite) > 1 else 0.0), len(finite)
+
+
+def summarize(results: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    models = list(dict.fromkeys(r["model"] for r in results))
+    per_model = []
+    for name in models:
+        rs = [r for r in results if r["model"] == name]
+        fid_mean, fid_sd, ok = _stats([r["fid"] for r in rs])
+        w_mean, w_sd, _ = _stats([r["w_upper"] for r in rs])
+        lower_mean, _, _ = _stats([r["w_lower"] for r in rs])
+        errors = [r["error"] for r in rs if r.get("error")]
+        per_model.append({"model": name, "seeds": [r["seed"] for r in rs], "fid_mean": fid_mean, "fid_sd": fid_sd,
+                          "w_upper_mean": w_mean, "w_upper_sd": w_sd, "w_lower_mean": lower_mean,
+                          "diverged_seeds": len(rs) - ok - len(errors), "failed_seeds": len(errors),
+                          "errors": errors, "train_seconds_mean": mean(r["train_seconds"] for r in rs)})
+    summary: dict[str, Any] = {"models": per_model, "skipped": skipped, "verdicts": []}
+    contenders = [m for m in per_model if not m["model"].startswith("data:") and m["fid_mean"] is not None]
+    for key, label in (("fid", "domain FID"), ("w_upper", "Sinkhorn upper bound")):
+        ranked = sorted(contenders, key=lambda m: m[f"{key}_mean"])
+        if len(ranked) >= 2:
+            best, second = ranked[0], ranked[1]
+            gap = second[f"{key}_mean"] - best[f"{key}_mean"]
+            spread = (best[f"{key}_sd"] or 0.0) + (second[f"{key}_sd"] or 0.0)
+            summary["verdicts"].append(
+                f"lowest {label}: {best['model']} ({best[f'{key}_mean']:.3g} +- {best[f'{key}_sd']:.2g}), "
+                f"{gap:.3g} ({100 * gap / second[f'{key}_mean']:.0f}%) below the runner-up {second['model']} "
+                f"({second[f'{key}_mean']:.3g} +- {second[f'{key}_sd']:.2g}); "
+                + ("one seed each, so no spread to compare the gap with" if min(len(best["seeds"]), len(second["seeds"])) < 2
+                   else f"the gap is {'larger' if gap > spread else 'not larger'} than the sum of their standard deviations"))
+    ours = next((m for m in per_model if m["model"] == "WAE-MMD"), None)
+    peer = next((m for m in per_model if m["model"] == "pythae WAE_MMD"), None)
+    if ours and peer and ours["fid_mean"] is not None and peer["fid_mean"] is not None:
+        summary["verdicts"].append(
+            f"WAE-MMD vs pythae WAE_MMD (same networks, objective and budget): FID {ours['fid_mean']:.3g} vs "
+            f"{peer['fid_mean']:.3g}, Sinkhorn bound {ours['w_upper_mean']:.3g} vs {peer['w_upper_mean']:.3g}")
+    return summary
+
+
+def _pm(mean_value: float | None, sd: float | None, spec: str = ".3g") -> str:
+    return "-" if mean_value is None else f"{mean_value:{spec}} +- {sd:.2g}"
+
+
+def table(result: dict[str, Any]) -> str:
+    s = result["summary"]
+    header = ["model", "seeds", "domain FID (mean +- sd)", "W upper (mean +- sd)", "W lower (mean)", "diverged seeds"]
+    body = [[m["model"], len(m["seeds"]), _pm(m["fid_mean"], m["fid_sd"]), _pm(m["w_upper_mean"], m["w_upper_sd"]),
+             common.fmt(m["w_lower_mean"]),
+             str(m["diverged_seeds"]) + (f"; {m['failed_seeds']} failed: {m['errors'][0][:120]}" if m.get("failed_seeds") else "")]
+            for m in s["models"]]
+    body += [[m["model"], 0, m["note"], "", "", ""] for m in s["skipped"]]
+    settings = result["settings"]
+    lines = [common.markdown_table(header, body), "",
+             f"{settings['epochs']} epochs, batch {BATCH_SIZE}, widths {WIDTH} (critics {CRITIC_WIDTH}, latent critics "
+             f"{LATENT_CRITIC['width']}x{LATENT_CRITIC['depth']}); {settings['num_samples']} samples vs the 1437 training "
+             "images; W: certified bracket on W_c, c = |x - y|^2 on pixels in [-1, 1], tol 1%. Lower is better."]
+    lines += [f"- {v}" for v in s["verdicts"]]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from torchvision.utils import make_grid
+
+    shown = [r for r in results if r.get("samples") is not None]
+    cols = min(6, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, shown):
+        images = torch.tensor(r["samples"]).nan_to_num(0.0).clamp(-1, 1)  # (64, 1, 8, 8)
+        grid = make_grid((images + 1) / 2, nrow=8, padding=1, pad_value=1.0)[0]  # (H, W)
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        fid = "FID -" if r["fid"] is None else f"FID {r['fid']:.2f}"
+        ax.set_title(f"{r['model']}\n{fid}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()), h_pad=1.5)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10 epochs per run")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default 50; quick 10)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", help="a subset of the model names")
+    parser.add_argument("--num-samples", type=int, default=1437)
+    parser.add_argument("--bracket-seconds", type=float, default=120.0, help="time budget of each bracket")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--no-pythae", action="store_true")
+    parser.add_argument("--out", default=common.RESULTS)
+    args = parser.parse_args()
+    common.use_allocator_env()
+    common.set_torch_threads(args.threads)
+    args.epochs = args.epochs or (10 if args.quick else 50)
+    known = [m[0] for m in MODELS]
+    if args.models and set(args.models) - set(known):
+        parser.error(f"unknown models {sorted(set(args.models) - set(known))}; valid: {known}")
+
+    start = time.time()
+    machine = common.machine_info()
+    quiet()
+    from callbacks.features import load_or_train_domain_features
+
+    load_or_train_domain_features(digits(), FEATURE_PATH)  # once, before the workers read it
+    jobs, skipped = model_jobs(args)
+    for s in skipped:
+        print(f"{s['model']}: {s['note']}")
+    print(f"{len(jobs)} runs, {args.epochs} epochs each, {args.workers} worker(s) x {args.threads} thread(s)", flush=True)
+    results = [reference_row(args.bracket_seconds)]
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+        for r in pool.map(train_one, jobs):
+            results.append(r)
+            fid = (f"FAILED: {r['error']}" if r.get("error") else "diverged" if r["fid"] is None
+                   else f"FID {r['fid']:.3f}, W upper {r['w_upper']:.3f}")
+            print(f"[{len(results) - 1}/{len(jobs)}] {r['model']:<26} seed {r['seed']}: {fid} "
+                  f"({r['train_seconds']:.0f} s training)", flush=True)
+    elapsed = time.time() - start
+    summary = summarize(results, skipped)
+    settings = {"epochs": args.epochs, "seeds": args.seeds, "num_samples": args.num_samples, "batch_size": BATCH_SIZE,
+                "width": WIDTH, "critic_width": CRITIC_WIDTH, "latent_critic": LATENT_CRITIC, "cost": COST,
+                "workers": args.workers, "threads": args.threads,
+                "init_args": {j["model"]: j["init_args"] for j in jobs}}
+    rows = [{k: v for k, v in r.items() if k != "samples"} for r in results]
+    payload = common.result_payload(NAME, args.quick, settings, rows, summary, machine, elapsed)
+    print()
+    print(table(payload))
+    print(f"\n({elapsed:.0f} s; {common.describe_machine(machine)})")
+    stem = common.result_stem(NAME, args.quick, args.out)
+    common.write_csv(stem + ".csv", rows)
+    common.write_json(stem + ".json", payload)
+    plot(results, stem + ".png", f"64 samples per model (seed {args.seeds[0]}, {args.epochs} epochs); domain FID of that seed")
+    print(f"wrote {stem}.csv, {stem}.json and {stem}.png")
+
+
+if __name__ == "__main__":
+    main()
