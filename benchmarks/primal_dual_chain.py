@@ -51,9 +51,9 @@ Where the trained values fall short of the limits, the causes are measured, not 
   diagnostics table). Any critic is certified after the division by max(1, L);
 - for kl the optimal h at P = Q is the constant lambda f'(1) = lambda, i.e. v = lambda: from the
   default initialisation (v ~ 0) Adam needs about lambda / lr steps to move the last bias there
-  (5,000 at lambda = 10). This script starts the last bias of the data critic at
-  v0 = lambda g_f^{-1}(f'(1)) and that of the latent critic at g_f^{-1}(f'(1)) ("centred critics":
-  lambda and 1 for kl, 0 for jensen_shannon and pearson); `--no-centre` turns that off;
+  (5,000 at lambda = 10). The models add the constant v0 = lambda g_f^{-1}(f'(1)) to the data
+  critic's output and g_f^{-1}(f'(1)) to the latent critic's (`FDivergence.neutral_output`:
+  lambda and 1 for kl, 0 for jensen_shannon and pearson), so both start centred;
 - the Monte Carlo D_f of the n held-out codes' mixture is biased upwards when the encoder's
   sigma is small next to the spacing of the n codes; for the 2-D data it is also computed for the
   codes of 16,000 fresh points of the known mixture (`primal MC (16k codes)`), which shows how
@@ -181,20 +181,6 @@ def critic_centre(divergence: Any) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if gap(mid) < 0 else (lo, mid)
     return 0.5 * (lo + hi)
-
-
-def centre_critics(model: Any) -> tuple[float, float]:
-    """Set the last bias of the data critic to v0 of lambda f and of the latent critic to v0 of f
-    (see `critic_centre`): both critics start at the optimal critic of two equal distributions.
-    Returns the two v0."""
-    centres = []
-    for network, divergence in ((model.critic, model.data_divergence), (model.latent_critic, model.latent_divergence)):
-        v0 = critic_centre(divergence)
-        last = [m for m in network.modules() if isinstance(m, nn.Linear)][-1]
-        with torch.no_grad():
-            last.bias.fill_(v0)
-        centres.append(v0)
-    return centres[0], centres[1]
 
 
 class InjectiveGenerator(nn.Module):
@@ -431,8 +417,7 @@ def train_one(job: dict) -> dict:
         model = PrimalDual(data_shape=datamodule.dims, **{
             **model_args, "divergence": job["divergence"], "lambda_": job["lambda"], "alpha": job["alpha"],
             "cost": COST, "encoder_type": "gaussian", "primal_estimator": "monte_carlo"})
-        if job["centre"]:
-            centre = centre_critics(model)[0]
+        centre = model.data_divergence.neutral_output  # added by the model to the critic's output
     if job["dataset"] == "gaussians" and job.get("generator", "injective") == "injective":
         model.decoder = InjectiveGenerator(datamodule.dims[0], width=model_args["width"] // 2)  # every model alike
     history: list[dict] = []
@@ -757,7 +742,7 @@ def make_jobs(args: argparse.Namespace, plan: dict) -> list[dict]:
         model_args, _, _ = load_settings(dataset)
         config_alpha = float(model_args["alpha"])
         base = dict(dataset=dataset, epochs=args.epochs or plan["epochs"][dataset],
-                    train_batches=plan["train_batches"][dataset], centre=not args.no_centre,
+                    train_batches=plan["train_batches"][dataset], centre=True,
                     config_alpha=config_alpha, compare_divergence=args.compare_divergence,
                     compare_lambda=args.compare_lambda, first_seed=args.seeds[0], ring_std=args.ring_std,
                     generator=args.generator, refine_steps=plan["refine_steps"] if args.refine_steps is None
@@ -801,8 +786,6 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs per run (default: quick 8 / 10, full the configs')")
     parser.add_argument("--eval_every", type=int, help="epochs between evaluations of the chain (quick 3, full 5)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes, one core each")
-    parser.add_argument("--no-centre", dest="no_centre", action="store_true",
-                        help="keep the critic's default initialisation (no v0 = lambda g^-1(f'(1)) bias)")
     parser.add_argument("--no-generators", dest="no_generators", action="store_true",
                         help="skip the alpha = 1 / alpha = 0 / SinkhornGenerator comparison")
     parser.add_argument("--compare_divergence", default="kl", help="f of the alpha comparison (default kl)")
@@ -841,7 +824,7 @@ def run_all(args: argparse.Namespace, plan: dict) -> tuple[list[dict], dict, flo
     machine = common.machine_info()
     jobs = make_jobs(args, plan)
     print(f"{len(jobs)} runs on {args.workers} worker(s): datasets {args.datasets}, divergences {args.divergences}, "
-          f"lambdas {args.lambdas}, seeds {args.seeds}; cost c = {COST}; critic centred: {not args.no_centre}",
+          f"lambdas {args.lambdas}, seeds {args.seeds}; cost c = {COST}",
           flush=True)
     if not sinkhorn_generator_available():
         print("lightning_modules/sinkhorn_generator.py is missing: no SinkhornGenerator row.", flush=True)

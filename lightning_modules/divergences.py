@@ -58,6 +58,7 @@ class _Row:
     domain_closed: bool
     f_prime_one: float
     activation_lipschitz: float
+    neutral_output: float = 0.0  # v with g_f(v) = f'(1): the optimal critic output when P = Q
 
 
 _ROWS: dict[str, _Row] = {
@@ -70,6 +71,7 @@ _ROWS: dict[str, _Row] = {
         domain_closed=False,
         f_prime_one=1.0,
         activation_lipschitz=1.0,
+        neutral_output=1.0,
     ),
     "reverse_kl": _Row(
         f=lambda u: -torch.log(u),
@@ -210,6 +212,14 @@ class FDivergence:
     def f_prime_one(self) -> float:
         """lambda f'(1): the optimal critic value T* when P = Q."""
         return self.scale * self._row.f_prime_one
+
+    @property
+    def neutral_output(self) -> float:
+        """lambda v0 with g_f(v0) = f'(1): the critic output whose activation is the optimal
+        constant critic lambda f'(1) (1 * lambda for kl, 0 for every other row). The models add it
+        to their critic networks' outputs, so an untrained critic starts at the optimum for P = Q
+        (a constant changes no Lipschitz constant)."""
+        return self.scale * self._row.neutral_output
 
     @property
     def activation_lipschitz(self) -> float:

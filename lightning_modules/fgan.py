@@ -98,13 +98,18 @@ class FGAN(GenerativeModule):
 
     # ---- the objective ------------------------------------------------------------------------
 
+    def critic_output(self, x: Tensor) -> Tensor:
+        """v(x): the critic network plus the constant `neutral_output` (lambda for kl, else 0), so
+        that an untrained critic sits at the optimal constant lambda f'(1). (B, *data_shape) -> (B,)."""
+        return self.critic(x) + self.divergence.neutral_output
+
     def critic_value(self, x: Tensor) -> Tensor:
         """h(x) = lambda g_f(v(x) / lambda). (B, *data_shape) -> (B,)."""
-        return self.divergence.activation(self.critic(x))
+        return self.divergence.activation(self.critic_output(x))
 
     def critic_objective(self, real: Tensor, fake: Tensor) -> Tensor:
         """E_real[h] - E_fake[(lambda f)*(h)], through the fused stable conjugate of the activation."""
-        return self.divergence.variational_estimate(self.critic(real), self.critic(fake))
+        return self.divergence.variational_estimate(self.critic_output(real), self.critic_output(fake))
 
     def critic_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(loss to descend, critic objective, mean gradient norm at interpolates or None)."""
@@ -117,7 +122,7 @@ class FGAN(GenerativeModule):
     def generator_loss(self, fake: Tensor) -> Tensor:
         """Saturating: descend -E_fake[(lambda f)*(h)] (the objective's G-dependent term);
         non-saturating: descend -E_fake[h]."""
-        v = self.critic(fake)
+        v = self.critic_output(fake)
         if self.hparams.generator_loss == "saturating":
             return -self.divergence.conjugate_of_activation(v).mean()
         return -self.divergence.activation(v).mean()
@@ -150,7 +155,10 @@ class FGAN(GenerativeModule):
             return torch.tensor(math.nan, device=real.device)
         scale = max(1.0, self._network_bound() if network_bound is None else network_bound)
         with eval_mode(self.critic):
-            return self.divergence.variational_estimate(self.critic(real) / scale, self.critic(fake) / scale)
+            offset = self.divergence.neutral_output  # a constant: only the network's part is rescaled
+            return self.divergence.variational_estimate(
+                self.critic(real) / scale + offset, self.critic(fake) / scale + offset
+            )
 
     def _network_bound(self) -> float:
         with eval_mode(self.critic):

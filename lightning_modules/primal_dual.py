@@ -218,7 +218,11 @@ class PrimalDual(GenerativeModule):
     def latent_divergence_critic(self, z: Tensor, z_prior: Tensor) -> Tensor:
         """Variational estimate E_{Q_Z}[g_f(T)] - E_{P_Z}[f*(g_f(T))] of D_f(Q_Z || P_Z), from codes
         z (B, d_z) and prior draws z_prior (B', d_z): a lower estimate for any critic T."""
-        return self.latent_divergence.variational_estimate(self.latent_critic(z), self.latent_critic(z_prior))
+        return self.latent_divergence.variational_estimate(self.latent_critic_output(z), self.latent_critic_output(z_prior))
+
+    def latent_critic_output(self, z: Tensor) -> Tensor:
+        """T's network plus the constant v0 with g_f(v0) = f'(1) (1 for kl, else 0). (B, d_z) -> (B,)."""
+        return self.latent_critic(z) + self.latent_divergence.neutral_output
 
     def primal_loss(self, x: Tensor, z: Tensor, z_prior: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(recon + lambda * D_f estimate, recon, D_f estimate) for data x, its codes z and prior draws
@@ -229,13 +233,18 @@ class PrimalDual(GenerativeModule):
 
     # ---- the dual side ------------------------------------------------------------------------
 
+    def critic_output(self, x: Tensor) -> Tensor:
+        """v(x): the data critic network plus the constant `neutral_output` (lambda for kl, else 0),
+        so that an untrained critic sits at the optimal constant lambda f'(1). (B, *data_shape) -> (B,)."""
+        return self.critic(x) + self.data_divergence.neutral_output
+
     def critic_value(self, x: Tensor) -> Tensor:
         """h(x) = lambda g_f(v(x) / lambda). (B, *data_shape) -> (B,)."""
-        return self.data_divergence.activation(self.critic(x))
+        return self.data_divergence.activation(self.critic_output(x))
 
     def critic_objective(self, real: Tensor, fake: Tensor) -> Tensor:
         """E_real[h] - E_fake[(lambda f)*(h)], through the fused stable conjugate of the activation."""
-        return self.data_divergence.variational_estimate(self.critic(real), self.critic(fake))
+        return self.data_divergence.variational_estimate(self.critic_output(real), self.critic_output(fake))
 
     def critic_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(loss to descend, critic objective, mean gradient norm at interpolates or None)."""
@@ -247,7 +256,7 @@ class PrimalDual(GenerativeModule):
 
     def dual_generator_loss(self, fake: Tensor) -> Tensor:
         """Saturating: -E_fake[(lambda f)*(h)] (the dual value's G-dependent term); non-saturating: -E_fake[h]."""
-        v = self.critic(fake)
+        v = self.critic_output(fake)
         if self.hparams.generator_loss == "saturating":
             return -self.data_divergence.conjugate_of_activation(v).mean()
         return -self.data_divergence.activation(v).mean()
@@ -293,7 +302,10 @@ class PrimalDual(GenerativeModule):
             return torch.tensor(math.nan, device=real.device)
         scale = max(1.0, self._network_bound() if network_bound is None else network_bound)
         with eval_mode(self.critic):
-            return self.data_divergence.variational_estimate(self.critic(real) / scale, self.critic(fake) / scale)
+            offset = self.data_divergence.neutral_output  # a constant: only the network's part is rescaled
+            return self.data_divergence.variational_estimate(
+                self.critic(real) / scale + offset, self.critic(fake) / scale + offset
+            )
 
     def _network_bound(self) -> float:
         with eval_mode(self.critic):
@@ -452,21 +464,21 @@ class PrimalDual(GenerativeModule):
             z = out  # (B, d_z)
         recon = pointwise_cost(real, self.decode(z), self.hparams.cost)  # (B,)
         z_prior = self.sample_latent(batch_size).to(z.dtype)
-        latent_encoded = self.latent_divergence.activation(self.latent_critic(z))  # (B,)
-        latent_prior = self.latent_divergence.conjugate_of_activation(self.latent_critic(z_prior))  # (B,)
+        latent_encoded = self.latent_divergence.activation(self.latent_critic_output(z))  # (B,)
+        latent_prior = self.latent_divergence.conjugate_of_activation(self.latent_critic_output(z_prior))  # (B,)
 
         fake = self.sample(batch_size)  # (B, *data_shape)
         with eval_mode(self.critic):
-            v_real, v_fake = self.critic(real), self.critic(fake)  # (B,), (B,)
-            scale = max(1.0, self._epoch_bound)
+            v_real, v_fake = self.critic(real), self.critic(fake)  # (B,), (B,): the networks alone
+            scale, offset = max(1.0, self._epoch_bound), self.data_divergence.neutral_output
             terms = [
                 recon,
                 latent_encoded,
                 latent_prior,
-                self.data_divergence.activation(v_real),
-                self.data_divergence.conjugate_of_activation(v_fake),
-                self.data_divergence.activation(v_real / scale),
-                self.data_divergence.conjugate_of_activation(v_fake / scale),
+                self.data_divergence.activation(v_real + offset),
+                self.data_divergence.conjugate_of_activation(v_fake + offset),
+                self.data_divergence.activation(v_real / scale + offset),
+                self.data_divergence.conjugate_of_activation(v_fake / scale + offset),
             ]
             count = torch.tensor(batch_size, dtype=torch.float64, device=self._sums.device)
             self._sums += torch.stack([t.double().sum() for t in terms] + [count])

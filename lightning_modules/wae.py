@@ -111,6 +111,11 @@ class WAE(GenerativeModule):
         mean, log_var = out.chunk(2, dim=1)
         return mean + torch.exp(0.5 * log_var.clamp(-10.0, 5.0)) * torch.randn_like(mean)
 
+    def latent_critic_output(self, z: Tensor) -> Tensor:
+        """T's network plus the constant v0 with g_f(v0) = f'(1) (1 for kl, else 0), so an untrained
+        latent critic sits at the optimum for Q_Z = P_Z. (B, d_z) -> (B,)."""
+        return self.latent_critic(z) + self.divergence.neutral_output
+
     def latent_penalty(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(estimate of D(Q_Z, P_Z), the encoder's loss for it) on codes z (B, d_z)."""
         z_prior = self.sample_latent(z.shape[0]).to(z.dtype)  # (B, d_z)
@@ -118,7 +123,7 @@ class WAE(GenerativeModule):
             base_scale = 2.0 * self.latent_dim * prior_variance(self.prior, self.latent_dim)
             mmd = mmd_unbiased(z, z_prior, self.hparams.kernel, base_scale=base_scale)
             return mmd, mmd
-        v_encoded, v_prior = self.latent_critic(z), self.latent_critic(z_prior)  # (B,), (B,)
+        v_encoded, v_prior = self.latent_critic_output(z), self.latent_critic_output(z_prior)  # (B,), (B,)
         estimate = self.divergence.variational_estimate(v_encoded, v_prior)
         if self.hparams.latent_penalty == "gan":
             # Non-saturating encoder loss of the WAE paper: -log(1 - D(E(x))) with D = sigmoid(v).
@@ -135,7 +140,7 @@ class WAE(GenerativeModule):
         """One ascent step of the latent critic on the variational estimate; returns it (None when
         the step was skipped for a non-finite loss)."""
         z_prior = self.sample_latent(z.shape[0]).to(z.dtype)
-        objective = self.divergence.variational_estimate(self.latent_critic(z), self.latent_critic(z_prior))
+        objective = self.divergence.variational_estimate(self.latent_critic_output(z), self.latent_critic_output(z_prior))
         if not self.check_finite("train/latent_critic_loss", -objective, critic=True):
             return None
         optimizer.zero_grad()

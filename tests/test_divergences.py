@@ -119,6 +119,15 @@ def test_attributes_and_scaled_equivalence(name):
         torch.testing.assert_close(getattr(a, method)(x), getattr(b, method)(x), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("lam", SCALES)
+def test_neutral_output_is_mapped_to_f_prime_one(name, lam):
+    """The constant the models add to their critics: activation(neutral_output) = lambda f'(1)."""
+    div = get_divergence(name, lam)
+    value = div.activation(torch.tensor(div.neutral_output, dtype=torch.float64))
+    assert value.item() == pytest.approx(lam * REF_F_PRIME_ONE[name], abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- generator f
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("lam", SCALES)

@@ -104,7 +104,7 @@ def test_alpha_one_is_exactly_the_f_wae(encoder_type, divergence):
     for name, p in wae.named_parameters():
         if name.startswith(("encoder", "decoder")):
             assert torch.equal(p.grad, grads[name]), name
-    latent_objective_wae = wae.divergence.variational_estimate(wae.latent_critic(z_wae), wae.latent_critic(z0))
+    latent_objective_wae = wae.divergence.variational_estimate(wae.latent_critic_output(z_wae), wae.latent_critic_output(z0))
     assert torch.equal(model.latent_divergence_critic(z, z0), latent_objective_wae)  # WAE._critic_step's objective
 
     # A whole training step (n_critic latent critic steps, then the autoencoder step): same updates.
@@ -209,11 +209,11 @@ class RecordWithErrors(L.Callback):
         with eval_mode(pl_module):
             z = pl_module.encode(x)
             primal_terms = cost(x, pl_module.decode(z), "l2") + lam * pl_module.latent_divergence.activation(
-                pl_module.latent_critic(z))
+                pl_module.latent_critic_output(z))
             prior_terms = lam * pl_module.latent_divergence.conjugate_of_activation(
-                pl_module.latent_critic(torch.randn_like(z)))
+                pl_module.latent_critic_output(torch.randn_like(z)))
             real_terms = pl_module.critic_value(x)
-            fake_terms = pl_module.data_divergence.conjugate_of_activation(pl_module.critic(pl_module.sample(len(x))))
+            fake_terms = pl_module.data_divergence.conjugate_of_activation(pl_module.critic_output(pl_module.sample(len(x))))
         variance = sum(t.var() for t in (primal_terms, prior_terms, real_terms, fake_terms))
         metrics["std_error"] = math.sqrt(variance / len(x))
         self.rows.append(metrics)
@@ -286,7 +286,7 @@ def test_validation_values_are_epoch_aggregates(encoder_type, monkeypatch):
         model.encoder[-1].bias[:2] += shift
         model.latent_critic = nn.Sequential(nn.Linear(2, 1), Squeeze()).double()
         model.latent_critic[0].weight.copy_(shift[None])
-        model.latent_critic[0].bias.fill_(1.0 - shift.pow(2).sum() / 2)
+        model.latent_critic[0].bias.fill_(-shift.pow(2).sum() / 2)  # + the kl offset 1 the model adds
     codes = []  # the Gaussian encoder's draws, as validation made them
     draw = module.reparameterize
     monkeypatch.setattr(module, "reparameterize", lambda m, v: codes.append(draw(m, v)) or codes[-1])
@@ -300,10 +300,10 @@ def test_validation_values_are_epoch_aggregates(encoder_type, monkeypatch):
         mean, log_var = out.chunk(2, dim=1) if encoder_type == "gaussian" else (out, None)
         z = torch.cat(codes) if encoder_type == "gaussian" else out
         recon = cost(val_x, model.decode(z), "l2").mean()
-        latent = (model.latent_divergence.activation(model.latent_critic(z)).mean()
-                  - model.latent_divergence.conjugate_of_activation(model.latent_critic(z0s)).mean())
+        latent = (model.latent_divergence.activation(model.latent_critic_output(z)).mean()
+                  - model.latent_divergence.conjugate_of_activation(model.latent_critic_output(z0s)).mean())
         dual = (model.critic_value(val_x).mean()
-                - model.data_divergence.conjugate_of_activation(model.critic(model.decode(z0s))).mean())
+                - model.data_divergence.conjugate_of_activation(model.critic_output(model.decode(z0s))).mean())
     assert latent > 0.5  # the clamp at f(1) = 0 (tested below) is not what is compared here
     assert logged["val/recon"] == pytest.approx(recon.item(), rel=1e-6)
     assert logged["val/latent_divergence_critic"] == pytest.approx(latent.item(), rel=1e-6, abs=1e-9)
