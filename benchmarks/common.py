@@ -448,3 +448,19 @@ PYTHAE_MATCHING = [
     ("batch input", "a tensor from the DataLoader", "a DatasetOutput dict (data=...) as pythae's forward needs",
      "differs (a dict per step)"),
 ]
+
+
+def draw_ring_panel(ax: Any, point_sets: Sequence[tuple[Sequence[Sequence[float]], str | None]],
+                    centers: Sequence[Sequence[float]], title: str) -> None:
+    """One square panel of 2-D points on [-3, 3]^2 (the ring of 8 Gaussians has radius 2): each
+    (points, label) set as a scatter (non-finite points dropped), the mixture centres as red
+    crosses, and the title."""
+    for points, label in point_sets:
+        finite = [p for p in points if all(map(math.isfinite, p))]
+        if finite:
+            ax.scatter(*zip(*finite), s=2, alpha=0.4, label=label)
+    ax.scatter(*zip(*centers), s=14, c="red", marker="x")
+    ax.set_xlim(-3, 3)
+    ax.set_ylim(-3, 3)
+    ax.set_aspect("equal")
+    ax.set_title(title, fontsize=8)

@@ -34,9 +34,13 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 
 import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "sinkhorn_gaussians.yaml")
@@ -140,16 +144,9 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(len(rows), 2, figsize=(7, 3.4 * len(rows)), squeeze=False)
     for r, (ax_trained, ax_untrained) in zip(rows, axes):
         for ax, name in ((ax_trained, "trained"), (ax_untrained, "untrained")):
-            ax.scatter(*zip(*r["held_out"]), s=2, alpha=0.4, label="held-out data")
-            points = [p for p in r["samples"][name] if all(map(math.isfinite, p))]
-            if points:
-                ax.scatter(*zip(*points), s=2, alpha=0.4, label="samples")
-            ax.scatter(*zip(*r["centers"]), s=14, c="red", marker="x")
-            ax.set_xlim(-3, 3)
-            ax.set_ylim(-3, 3)
-            ax.set_aspect("equal")
-            ax.set_title(f"{name}: {r['objective']}, {r['cost']}, seed {r['seed']}\n{r[f'{name}_modes']}/8 modes, "
-                         f"W upper {r[f'{name}_w_upper']:.3f}", fontsize=8)
+            common.draw_ring_panel(ax, [(r["held_out"], "held-out data"), (r["samples"][name], "samples")], r["centers"],
+                                   f"{name}: {r['objective']}, {r['cost']}, seed {r['seed']}\n{r[f'{name}_modes']}/8 "
+                                   f"modes, W upper {r[f'{name}_w_upper']:.3f}")
         ax_trained.legend(loc="lower left", fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -4,6 +4,7 @@ from callbacks.curves import MetricCurvesCallback
 from callbacks.fid import FIDCallback, FrechetFeatureDistance, frechet_distance
 from callbacks.generalization import GeneralizationGapCallback
 from callbacks.images import SampleGridCallback
+from callbacks.modes import ModeCoverageCallback
 from callbacks.reconstruction import LatentInterpolationCallback, ReconstructionGridCallback
 from callbacks.sinkhorn import SinkhornBoundCallback, WassersteinBound, sinkhorn_upper_bound, wasserstein_bracket
 
@@ -13,6 +14,7 @@ __all__ = [
     "GeneralizationGapCallback",
     "LatentInterpolationCallback",
     "MetricCurvesCallback",
+    "ModeCoverageCallback",
     "ReconstructionGridCallback",
     "SampleGridCallback",
     "SinkhornBoundCallback",

@@ -83,3 +83,54 @@ def test_unknown_cost_is_refused_at_parse_time_with_the_choices(capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert "l3" in err and "l2sq" in err
+
+
+# ---- the f-GAN configs -------------------------------------------------------------------------
+
+FGAN_DIGITS = str(ROOT / "configs" / "fgan_digits.yaml")
+
+
+def test_fgan_digits_config_writes_samples_and_checkpoints(tmp_path, capsys):
+    from lightning_modules.fgan import FGAN
+
+    out = tmp_path / "out"
+    cli_main(["fit", "--config", FGAN_DIGITS, "--trainer.max_epochs", "5", "--trainer.limit_train_batches", "2",
+              "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out), *QUICK])
+    assert "fit finished: epoch 5" in capsys.readouterr().out
+    run_dir = out / "fgan_digits" / "version_0"
+    assert (run_dir / "images" / "samples_epoch=0004.png").is_file()
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and "epoch=4-step=20.ckpt" in checkpoints  # 2 optimisers x 2 batches x 5
+    model = FGAN.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert model.hparams.divergence == "jensen_shannon" and model.sample(3).shape == (3, 1, 8, 8)
+    assert not (tmp_path / "runs").exists()  # everything went where it was sent
+
+
+def test_fgan_gaussians_config_logs_mode_coverage():
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "fgan_gaussians.yaml"), "--trainer.fast_dev_run", "true"])
+    assert cli.model.data_shape == (2,) and cli.datamodule.std == 0.02
+    metrics = cli.trainer.callback_metrics
+    assert 0 <= metrics["val/modes_covered"].item() <= 8 and 0 <= metrics["val/high_quality_fraction"].item() <= 1
+
+
+@pytest.mark.parametrize(
+    "config, shape, generator_channels, critic_channels",
+    [("fgan_mnist.yaml", (1, 28, 28), [256, 128, 64], [64, 128, 256]),
+     ("fgan_celeba.yaml", (3, 64, 64), [1024, 512, 256, 128, 64], [64, 128, 256, 512])],
+)
+def test_fgan_paper_configs_build_dcgan_networks(config, shape, generator_channels, critic_channels):
+    import torch
+
+    cli = cli_main(["--config", str(ROOT / "configs" / config)], run=False)
+    model = cli.model
+    assert model.data_shape == shape and model.latent_dim == 100 and model.hparams.prior == "cube"
+    assert model.hparams.lr == model.hparams.critic_lr == 2e-4 and tuple(model.hparams.betas) == (0.5, 0.999)
+    assert cli.datamodule.batch_size == 128
+    convs = [m.out_channels for m in model.critic.modules() if isinstance(m, torch.nn.Conv2d)]
+    transposed = [m.out_channels for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    projection = next(m for m in model.decoder.modules() if isinstance(m, torch.nn.Unflatten)).unflattened_size
+    assert convs == critic_channels and transposed == generator_channels[1:]
+    assert tuple(projection) == (generator_channels[0], shape[1] // 2 ** len(transposed), shape[2] // 2 ** len(transposed))
+    samples = model.sample(2)
+    assert samples.shape == (2, *shape) and samples.abs().max() <= 1
+    assert model.critic(samples).shape == (2,)

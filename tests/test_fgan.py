@@ -92,6 +92,23 @@ def test_trained_critic_reaches_the_divergence(name):
 # ---- generator losses and the gradient penalty -------------------------------------------------
 
 
+@pytest.mark.parametrize("name", DIVERGENCE_NAMES)
+def test_untrained_critic_starts_at_the_optimal_constant(name):
+    """A critic network that outputs 0 is the optimal constant critic lambda f'(1) for P = Q, whose
+    objective is D_{lambda f}(P || P) = lambda f(1) (0 for all rows but gan); without the kl offset
+    it would be -lambda / e."""
+    lam = 100.0
+    model = FGAN(data_shape=(2,), latent_dim=2, divergence=name, lambda_scale=lam).double()
+    with torch.no_grad():
+        for p in model.critic.parameters():
+            p.zero_()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    expected = lam * (-math.log(4.0) if name == "gan" else 0.0)
+    assert model.dual_value(x, x).item() == pytest.approx(expected, abs=1e-9)
+    if model.divergence.is_activation_1_lipschitz:  # rescaling the network leaves the offset alone
+        assert model.certified_dual_value(x, x, network_bound=3.0).item() == pytest.approx(expected, abs=1e-9)
+
+
 def test_generator_losses_for_the_gan_row():
     """Non-saturating: E softplus(-v) = -E log D; saturating: -E softplus(v) = E log(1 - D)."""
     model = FGAN(data_shape=(2,), latent_dim=2, divergence="gan")
@@ -216,3 +233,39 @@ def test_checkpoint_round_trip(tmp_path):
 def test_unknown_names_list_the_valid_ones(kwargs, listed):
     with pytest.raises(ValueError, match=listed):
         FGAN(data_shape=(2,), latent_dim=2, **kwargs)
+
+
+# ---- the settings of the mode-coverage benchmark (configs/fgan_gaussians.yaml) ------------------
+
+
+@pytest.mark.parametrize("name", DIVERGENCE_NAMES)
+def test_every_divergence_runs_on_the_ring_with_a_2d_latent(name):
+    """The benchmark trains every row with an unconstrained critic on 2-D points (no output
+    activation on the generator); a few steps must keep every logged value finite."""
+    L.seed_everything(0)
+    dm = GaussianMixtureDataModule(num_samples=256, num_val_samples=64, batch_size=64)
+    model = FGAN(data_shape=dm.dims, latent_dim=2, divergence=name, width=16,
+                 critic_width=16, lr=1e-3, critic_lr=1e-3)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert all(torch.isfinite(metrics[k]) for k in ("train/critic_objective_epoch", "train/generator_loss_epoch",
+                                                    "val/critic_objective"))
+    assert torch.isfinite(model.sample(8)).all()
+
+
+def test_mode_coverage_callback_on_an_fgan():
+    """ModeCoverageCallback reads the ring from the datamodule and logs what it counted."""
+    from callbacks.modes import ModeCoverageCallback
+
+    L.seed_everything(0)
+    dm = GaussianMixtureDataModule(num_samples=256, num_val_samples=64, batch_size=64)
+    model = FGAN(data_shape=dm.dims, latent_dim=2, width=16, critic_width=16)
+    callback = ModeCoverageCallback(num_samples=500)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=1, callbacks=[callback])
+    trainer.fit(model, datamodule=dm)
+    assert callback.centers is dm.centers and callback.std == 0.02
+    assert trainer.callback_metrics["val/modes_covered"].item() == callback.last.num_covered
+    assert trainer.callback_metrics["val/high_quality_fraction"].item() == pytest.approx(
+        callback.last.high_quality_fraction, abs=1e-6)
+    assert callback.last.fractions.sum().item() == pytest.approx(callback.last.high_quality_fraction)
