@@ -120,7 +120,8 @@ def _version(module: str) -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory, library versions, threads and allocator settings in effect, and the
-    load average when called (a busy machine makes every timing meaningless: check it)."""
+    load average and the cores other processes keep busy when called (a busy machine makes every
+    timing meaningless: check it)."""
     import torch
 
     try:
@@ -138,6 +139,7 @@ def machine_info() -> dict[str, Any]:
         "cores_usable": cores_usable,
         "memory_gib": round(memory_gib, 1),
         "load_average_1m_5m_15m": [round(v, 2) for v in os.getloadavg()],
+        "busy_cores_at_start": busy_cores(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -160,15 +162,40 @@ def describe_machine(info: dict[str, Any]) -> str:
         f"{info.get('cpu')} ({info.get('cores_usable')} usable cores, {info.get('memory_gib')} GiB), "
         f"Python {info.get('python')}, torch {info.get('torch')} on {info.get('torch_threads')} threads, "
         f"lightning {info.get('lightning')}, POT {info.get('POT')}, pythae {info.get('pythae')}; "
-        f"allocator: {alloc or 'glibc defaults'}; load average at start {load}; {info.get('date')}"
+        f"allocator: {alloc or 'glibc defaults'}; load average at start {load}, "
+        f"cores busy with other processes {info.get('busy_cores_at_start', 'not measured')}; {info.get('date')}"
     )
 
 
-def check_quiet(threshold: float = 1.5) -> str | None:
-    """A warning line when the 1-minute load average says other work is running."""
-    load = os.getloadavg()[0]
-    if load > threshold:
-        return (f"WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes are running, "
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_cores(seconds: float = 1.0) -> float:
+    """How many cores other processes keep busy now, measured over `seconds` of sleep (this
+    process sleeps, so everything counted is someone else's). Unlike the load average, it does not
+    remember a benchmark that finished a minute ago. Falls back to the 1-minute load average."""
+    before = _cpu_times()
+    if before is None:
+        return os.getloadavg()[0]
+    time.sleep(seconds)
+    after = _cpu_times()
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total * (os.cpu_count() or 1), 2) if total > 0 else 0.0
+
+
+def check_quiet(threshold: float = 0.5) -> str | None:
+    """A warning line when other processes keep more than `threshold` cores busy."""
+    busy = busy_cores()
+    if busy > threshold:
+        return (f"WARNING: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: "
                 "the timings below are not representative.")
     return None
 

@@ -268,11 +268,14 @@ def evaluate(model: Any, real: Any, seed: int = EVAL_SEED, more_real: Any = None
 
         # the dual, raw and certified, on (x, y)
         div = m.data_divergence
-        v_real, v_fake = m.critic(x), m.critic(y)  # (n,), (n,)
+        net_real, net_fake = m.critic(x), m.critic(y)  # (n,), (n,): the network's part of v
+        offset = div.neutral_output  # v = network + offset; only the network's part is rescaled
         network_bound = lipschitz_upper_bound(m.critic, m.data_shape)
         scale = max(1.0, network_bound)
-        dual_raw, dual_raw_se = mean_and_error(div.activation(v_real) - div.conjugate_of_activation(v_fake))
-        cert_real, cert_fake = div.activation(v_real / scale), div.conjugate_of_activation(v_fake / scale)
+        dual_raw, dual_raw_se = mean_and_error(div.activation(net_real + offset)
+                                               - div.conjugate_of_activation(net_fake + offset))
+        cert_real = div.activation(net_real / scale + offset)
+        cert_fake = div.conjugate_of_activation(net_fake / scale + offset)
         dual_cert = float(cert_real.mean() - cert_fake.mean())
         module_value = float(m.certified_dual_value(x, y))  # the module's own computation, the same number
         if not math.isclose(module_value, dual_cert, rel_tol=1e-9, abs_tol=1e-9):
@@ -282,7 +285,7 @@ def evaluate(model: Any, real: Any, seed: int = EVAL_SEED, more_real: Any = None
         # how steep the critic is where it matters: an optimal 1-Lipschitz critic has slope 1 along transport rays
         with torch.enable_grad():
             points = torch.cat([x, y]).requires_grad_(True)
-            (grad,) = torch.autograd.grad(div.activation(m.critic(points)).sum(), points)
+            (grad,) = torch.autograd.grad(div.activation(m.critic_output(points)).sum(), points)
         slope = grad.flatten(start_dim=1).norm(dim=1)  # (2n,): |grad h| of the raw critic
 
         # the primal: one draw of the Gaussian encoder per point
@@ -416,7 +419,8 @@ def train_one(job: dict) -> dict:
 
         model = PrimalDual(data_shape=datamodule.dims, **{
             **model_args, "divergence": job["divergence"], "lambda_": job["lambda"], "alpha": job["alpha"],
-            "cost": COST, "encoder_type": "gaussian", "primal_estimator": "monte_carlo"})
+            "cost": COST, "encoder_type": "gaussian", "primal_estimator": "monte_carlo",
+            **({"critic_activation": job["critic_activation"]} if job.get("critic_activation") else {})})
         centre = model.data_divergence.neutral_output  # added by the model to the critic's output
     if job["dataset"] == "gaussians" and job.get("generator", "injective") == "injective":
         model.decoder = InjectiveGenerator(datamodule.dims[0], width=model_args["width"] // 2)  # every model alike
@@ -745,7 +749,8 @@ def make_jobs(args: argparse.Namespace, plan: dict) -> list[dict]:
                     train_batches=plan["train_batches"][dataset], centre=True,
                     config_alpha=config_alpha, compare_divergence=args.compare_divergence,
                     compare_lambda=args.compare_lambda, first_seed=args.seeds[0], ring_std=args.ring_std,
-                    generator=args.generator, refine_steps=plan["refine_steps"] if args.refine_steps is None
+                    generator=args.generator, critic_activation=args.critic_activation,
+                    refine_steps=plan["refine_steps"] if args.refine_steps is None
                     else args.refine_steps)
         base["eval_every"] = min(args.eval_every or plan["eval_every"], base["epochs"])
         for seed in args.seeds:
@@ -795,6 +800,8 @@ def main() -> None:
                         help="2-D generator: InjectiveGenerator (injective by construction) or the config's MLP")
     parser.add_argument("--refine_steps", type=int, help="critic-only steps against the frozen final G (quick 400, "
                         "full 2000; 0: none)")
+    parser.add_argument("--critic_activation", choices=["leaky_relu", "maxmin"],
+                        help="data critic activation (default: the configs'); maxmin writes primal_dual_chain_maxmin*")
     parser.add_argument("--out", default=common.RESULTS)
     parser.add_argument("--replot", metavar="JSON", help="no training: rebuild the tables, files and plots from a "
                         "JSON this script wrote")
@@ -809,8 +816,9 @@ def main() -> None:
         if payload is None or "runs" not in payload:
             raise FileNotFoundError(f"--replot needs a JSON written by this script (with its 'runs'), got {args.replot!r}.")
         results, machine, elapsed = payload["runs"], payload["machine"], payload["wall_seconds"]
-        for key in ("quick", "datasets", "divergences", "lambdas", "seeds", "compare_divergence", "compare_lambda"):
-            setattr(args, key, payload["settings"][key])
+        for key in ("quick", "datasets", "divergences", "lambdas", "seeds", "compare_divergence", "compare_lambda",
+                    "critic_activation"):
+            setattr(args, key, payload["settings"].get(key, getattr(args, key)))
         plan, args.command = payload["settings"]["plan"], payload["command"]
     else:
         results, machine, elapsed = run_all(args, plan)
@@ -914,7 +922,8 @@ def write_outputs(results: list[dict], args: argparse.Namespace, plan: dict, mac
           "be shared: timings are not results.)")
 
     # ---- files ----
-    stem = common.result_stem(NAME, args.quick, args.out)
+    suffix = "_maxmin" if getattr(args, "critic_activation", None) == "maxmin" else ""
+    stem = common.result_stem(NAME + suffix, args.quick, args.out)
     flat = [{**{k: r[k] for k in ("dataset", "kind", "divergence", "lambda", "alpha", "seed", "epochs", "batches",
                                   "centre", "critic_centre", "seconds")}, **r["final"], **r.get("injectivity", {})}
             for r in results]

@@ -89,10 +89,13 @@ def _section(name: str, payload: dict[str, Any] | None, out: str) -> list[str]:
     settings = "custom budgets" if flags else ("quick budgets" if payload.get("quick") else "full budgets")
     lines += [f"Command: `{payload['command']}` ({settings}, {payload['wall_seconds']:.0f} s).", "",
               f"Machine: {common.describe_machine(payload['machine'])}.", ""]
-    load = (payload["machine"].get("load_average_1m_5m_15m") or [0])[0]
-    if load > 1.5:
-        lines += [f"**Warning: the load average was {load} when this ran, so other processes shared the CPU; "
-                  "rerun on a quiet machine before quoting these times.**", ""]
+    busy = payload["machine"].get("busy_cores_at_start")
+    if busy is None:  # results written before busy_cores existed: the load average is all there is
+        busy = (payload["machine"].get("load_average_1m_5m_15m") or [0])[0]
+        busy = busy if busy > 1.5 else 0.0
+    if busy > 0.5:
+        lines += [f"**Warning: other processes kept {busy:.1f} cores busy when this ran; rerun on a quiet "
+                  "machine before quoting these times.**", ""]
     lines += [module.table(payload), ""]
     png = os.path.join(out, name + ("_quick" if payload.get("quick") else "") + ".png")
     if os.path.exists(png):

@@ -52,6 +52,9 @@ class FGAN(GenerativeModule):
         n_critic: critic steps per generator step (on the same real batch, fresh fakes).
         width, generator_channels: generator size (as the WAE decoder).
         critic_width, critic_channels, critic_depth: critic size (MLP depth for vector data).
+        critic_activation: "leaky_relu" (slope 0.2) or "maxmin" (GroupSort of pairs, gradient-norm
+            preserving: with `spectral_norm` it gets much closer to the best 1-Lipschitz critic;
+            widths and channels must be even).
         lr, critic_lr, betas: Adam settings of the generator and of the critic.
         output_activation: "auto" (tanh for images, none for vectors), "tanh" or "none".
         skip_nonfinite_critic_steps: skip a critic step whose loss is NaN or infinite (no update,
@@ -75,6 +78,7 @@ class FGAN(GenerativeModule):
         critic_width: int = 64,
         critic_channels: list[int] | None = None,
         critic_depth: int = 3,
+        critic_activation: Literal["leaky_relu", "maxmin"] = "leaky_relu",
         lr: float = 2e-4,
         critic_lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
@@ -92,7 +96,8 @@ class FGAN(GenerativeModule):
             self.data_shape, latent_dim, width, generator_channels, self.resolve_output_activation(output_activation)
         )
         self.critic = build_critic(
-            self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm"
+            self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm",
+            activation=critic_activation,
         )
         self._epoch_bound: float | None = None
 

@@ -31,7 +31,7 @@ How each factor is obtained:
   converged. (A residual test shows convergence to an eigenvalue; that it is the top one rests on
   the random start, as for every power method; a warning is issued if max_iter is reached first.)
 - Activations (their Lipschitz constants): ReLU, ReLU6, Hardtanh, Tanh, Softplus (beta > 0),
-  Identity, Flatten, Unflatten and `Squeeze` 1; LeakyReLU max(1, |slope|); PReLU
+  Identity, Flatten, Unflatten, `Squeeze` and `MaxMin` (sorts feature pairs) 1; LeakyReLU max(1, |slope|); PReLU
   max(1, max |a|); ELU / CELU max(1, alpha); Sigmoid 1/4; GELU 1.13; SiLU 1.1;
   Dropout 1 in eval mode; MaxPool sqrt(m), m the largest number of pooling windows that share an
   input entry (m = 1 for non-overlapping windows: a max is 1-Lipschitz in l_inf per window).
@@ -198,7 +198,7 @@ def _max_pool_constant(pool: nn.Module) -> float:
 
 def _activation_constant(module: nn.Module) -> float | None:
     """Lipschitz constant of a known parameter-free (or PReLU) module, None if unknown."""
-    if isinstance(module, _LIP_ONE) or type(module).__name__ == "Squeeze":
+    if isinstance(module, _LIP_ONE) or type(module).__name__ in ("Squeeze", "MaxMin"):
         return 1.0
     if isinstance(module, nn.LeakyReLU):
         return max(1.0, abs(module.negative_slope))

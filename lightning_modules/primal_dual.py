@@ -102,7 +102,8 @@ class PrimalDual(GenerativeModule):
             (weight `gp_weight`) or "none"; the certificate is computed in every case.
         n_critic: steps of each critic per generator step.
         width, encoder_channels, decoder_channels: encoder / decoder size (as the WAE).
-        critic_width, critic_channels, critic_depth: data critic size (as the FGAN).
+        critic_width, critic_channels, critic_depth, critic_activation: data critic (as the FGAN;
+            "maxmin" brings the spectrally normalised critic, and so the dual, much closer to W_c).
         latent_critic_width, latent_critic_depth: latent critic MLP.
         mc_samples: draws of the Monte Carlo estimate, half from P_Z and half from the codes' mixture
             (Gaussian encoder and prior only).
@@ -135,6 +136,7 @@ class PrimalDual(GenerativeModule):
         critic_width: int = 64,
         critic_channels: list[int] | None = None,
         critic_depth: int = 3,
+        critic_activation: Literal["leaky_relu", "maxmin"] = "leaky_relu",
         latent_critic_width: int = 256,
         latent_critic_depth: int = 3,
         mc_samples: int = 4096,
@@ -183,7 +185,8 @@ class PrimalDual(GenerativeModule):
             self.data_shape, latent_dim, width, decoder_channels, self.resolve_output_activation(output_activation)
         )
         self.critic = build_critic(
-            self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm"
+            self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm",
+            activation=critic_activation,
         )
         self.latent_critic = build_critic((latent_dim,), latent_critic_width, depth=latent_critic_depth)
         self._epoch_bound: float | None = None

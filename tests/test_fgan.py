@@ -269,3 +269,41 @@ def test_mode_coverage_callback_on_an_fgan():
     assert trainer.callback_metrics["val/high_quality_fraction"].item() == pytest.approx(
         callback.last.high_quality_fraction, abs=1e-6)
     assert callback.last.fractions.sum().item() == pytest.approx(callback.last.high_quality_fraction)
+
+
+# ---- a critic that reaches H_c's best: MaxMin ------------------------------------------------------
+
+
+def _certified_dual_after_critic_training(activation: str, real: torch.Tensor, fake: torch.Tensor) -> float:
+    torch.manual_seed(1)
+    model = FGAN(data_shape=(2,), latent_dim=2, divergence="kl", lambda_scale=50.0, lipschitz="spectral_norm",
+                 critic_activation=activation, critic_width=32)
+    optimizer = torch.optim.Adam(model.critic.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    for _ in range(800):
+        loss = -model.critic_objective(real, fake)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().double()
+    with torch.no_grad():
+        return model.certified_dual_value(real.double(), fake.double()).item()
+
+
+def test_maxmin_critic_brings_the_certified_dual_close_to_exact_transport():
+    """With the kl row at lambda = 50, (lambda f)*(h) ~ h, so the critic objective ~ E_x h - E_y h,
+    whose sup over 1-Lipschitz h is W_l2(x, y) (Kantorovich-Rubinstein). Trained on fixed samples
+    (a ring of 8 Gaussians against a wide Gaussian), a spectrally normalised MaxMin critic's
+    certified value gets within 25% of POT's exact W_l2 and far above a LeakyReLU critic's
+    (measured 0.84 and 0.43 of W: ReLU-type activations shrink gradient norms layer after layer)."""
+    generator = torch.Generator().manual_seed(0)
+    n = 256
+    angles = torch.randint(0, 8, (n,), generator=generator) * (2 * math.pi / 8)
+    real = torch.stack([2 * angles.cos(), 2 * angles.sin()], 1) + 0.02 * torch.randn(n, 2, generator=generator)
+    fake = 0.7 * torch.randn(n, 2, generator=generator)  # (n, 2) each
+    exact = ot.emd2(ot.unif(n), ot.unif(n), ot.dist(real.double().numpy(), fake.double().numpy(), metric="euclidean"))
+    maxmin = _certified_dual_after_critic_training("maxmin", real, fake)
+    leaky = _certified_dual_after_critic_training("leaky_relu", real, fake)
+    print(f"exact W_l2 {exact:.4f}; certified dual: maxmin {maxmin:.4f}, leaky_relu {leaky:.4f}")
+    assert max(maxmin, leaky) <= exact + 1e-9
+    assert maxmin >= 0.75 * exact
+    assert maxmin >= 1.5 * leaky

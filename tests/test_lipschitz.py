@@ -15,7 +15,7 @@ from lightning_modules.lipschitz import (
     linear_operator_norm,
     lipschitz_upper_bound,
 )
-from lightning_modules.networks import Squeeze, build_critic
+from lightning_modules.networks import MaxMin, Squeeze, build_critic
 
 
 @pytest.fixture(autouse=True)
@@ -131,10 +131,11 @@ CRITICS = [  # (data_shape, width, spectral_norm)
 ]
 
 
+@pytest.mark.parametrize("activation", ["leaky_relu", "maxmin"])
 @pytest.mark.parametrize("shape, width, sn", CRITICS)
-def test_network_bound_dominates_gradients_and_pair_ratios(shape, width, sn):
+def test_network_bound_dominates_gradients_and_pair_ratios(shape, width, sn, activation):
     torch.manual_seed(len(shape) + width)
-    critic = build_critic(shape, width=width, spectral_norm=sn).double()
+    critic = build_critic(shape, width=width, spectral_norm=sn, activation=activation).double()
     with torch.no_grad():  # a few training-mode forwards move the spectral-norm estimates
         for _ in range(3):
             critic(torch.randn(4, *shape, dtype=torch.float64))
@@ -151,6 +152,24 @@ def test_network_bound_dominates_gradients_and_pair_ratios(shape, width, sn):
     assert grad_norms.max() <= bound
     assert ratios.max() <= bound
     assert grad_norms.max() > 1e-3 * bound  # the comparison is not vacuous
+
+
+def test_maxmin_is_one_lipschitz_and_keeps_gradient_norms():
+    """Sorting pairs is a permutation of the input on each region, so |MaxMin(x) - MaxMin(y)| <=
+    |x - y| (checked on random pairs) and the vector-Jacobian product keeps the norm."""
+    torch.manual_seed(4)
+    act = MaxMin()
+    x, y = torch.randn(2, 512, 6, dtype=torch.float64)
+    assert (act(x) - act(y)).norm(dim=1).div((x - y).norm(dim=1)).max() <= 1 + 1e-12
+    assert torch.equal(act(torch.tensor([[3.0, -1.0, 1.0, 2.0]])), torch.tensor([[3.0, 2.0, 1.0, -1.0]]))
+    x.requires_grad_(True)
+    cotangent = torch.randn(512, 6, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(act(x), x, cotangent)
+    assert torch.allclose(grad.norm(dim=1), cotangent.norm(dim=1))
+    images = torch.randn(2, 4, 3, 3)  # pairs along the channel dimension for conv critics
+    assert torch.equal(act(images)[:, :2], torch.maximum(images[:, :2], images[:, 2:]))
+    with pytest.raises(ValueError, match="even"):
+        act(torch.randn(2, 5))
 
 
 def test_single_linear_bound_is_tight():

@@ -70,3 +70,13 @@ def test_decoder_channel_count_error_names_the_limit():
 def test_unknown_output_activation_lists_choices():
     with pytest.raises(ValueError, match="tanh, none"):
         build_decoder((2,), 4, output_activation="sigmoid")
+
+
+def test_critic_activation_choices_and_even_widths_for_maxmin():
+    assert build_critic((1, 8, 8), width=8, activation="maxmin")(torch.randn(3, 1, 8, 8)).shape == (3,)
+    with pytest.raises(ValueError, match="leaky_relu, maxmin"):
+        build_critic((2,), activation="relu")
+    with pytest.raises(ValueError, match="even"):
+        build_critic((2,), width=15, activation="maxmin")
+    with pytest.raises(ValueError, match="even"):
+        build_critic((1, 8, 8), channels=[8, 5], activation="maxmin")

@@ -120,10 +120,12 @@ def test_alpha_one_is_exactly_the_f_wae(encoder_type, divergence):
 # ---- alpha = 0 is the Lipschitz f-GAN ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("generator_loss, divergence", [("saturating", "kl"), ("non_saturating", "gan")])
-def test_alpha_zero_is_exactly_the_lipschitz_fgan(generator_loss, divergence):
+@pytest.mark.parametrize("generator_loss, divergence, critic_activation",
+                         [("saturating", "kl", "leaky_relu"), ("non_saturating", "gan", "leaky_relu"),
+                          ("saturating", "kl", "maxmin")])
+def test_alpha_zero_is_exactly_the_lipschitz_fgan(generator_loss, divergence, critic_activation):
     common = dict(data_shape=(1, 8, 8), latent_dim=4, divergence=divergence, generator_loss=generator_loss,
-                  width=8, critic_width=8, critic_depth=2, n_critic=2, lr=1e-3, critic_lr=3e-3, betas=(0.5, 0.99))
+                  width=8, critic_width=8, critic_depth=2, critic_activation=critic_activation, n_critic=2, lr=1e-3, critic_lr=3e-3, betas=(0.5, 0.99))
     fgan = FGAN(lipschitz="spectral_norm", lambda_scale=2.5, **common).double()
     model = PrimalDual(alpha=0.0, lambda_=2.5, latent_critic_width=8, **common).double()
     copy_weights(fgan, model, only_missing="encoder latent_critic")
