@@ -22,23 +22,22 @@ cases.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor
 
-from lightning_modules.base import GenerativeModule, eval_mode
+from lightning_modules.base import GenerativeModule
 from lightning_modules.divergences import get_divergence
-from lightning_modules.lipschitz import empirical_lipschitz, lipschitz_upper_bound
-from lightning_modules.losses import PriorName, check_choice, gradient_penalty
+from lightning_modules.lipschitz_critic import LipschitzCriticMixin
+from lightning_modules.losses import PriorName, check_choice
 from lightning_modules.networks import build_critic, build_decoder
 
 LIPSCHITZ_CHOICES = ("none", "spectral_norm", "gradient_penalty")
 GENERATOR_LOSSES = ("non_saturating", "saturating")
 
 
-class FGAN(GenerativeModule):
+class FGAN(LipschitzCriticMixin, GenerativeModule):
     """f-GAN for any registry divergence, optionally with a Lipschitz critic and lambda scaling.
 
     Args:
@@ -101,73 +100,14 @@ class FGAN(GenerativeModule):
         )
         self._epoch_bound: float | None = None
 
-    # ---- the objective ------------------------------------------------------------------------
-
-    def critic_output(self, x: Tensor) -> Tensor:
-        """v(x): the critic network plus the constant `neutral_output` (lambda for kl, else 0), so
-        that an untrained critic sits at the optimal constant lambda f'(1). (B, *data_shape) -> (B,)."""
-        return self.critic(x) + self.divergence.neutral_output
-
-    def critic_value(self, x: Tensor) -> Tensor:
-        """h(x) = lambda g_f(v(x) / lambda). (B, *data_shape) -> (B,)."""
-        return self.divergence.activation(self.critic_output(x))
-
-    def critic_objective(self, real: Tensor, fake: Tensor) -> Tensor:
-        """E_real[h] - E_fake[(lambda f)*(h)], through the fused stable conjugate of the activation."""
-        return self.divergence.variational_estimate(self.critic_output(real), self.critic_output(fake))
-
-    def critic_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(loss to descend, critic objective, mean gradient norm at interpolates or None)."""
-        objective = self.critic_objective(real, fake)
-        if self.hparams.lipschitz != "gradient_penalty":
-            return -objective, objective, None
-        penalty, grad_norm = gradient_penalty(self.critic_value, real, fake)
-        return -objective + self.hparams.gp_weight * penalty, objective, grad_norm
+    @property
+    def critic_divergence(self):
+        return self.divergence  # lambda f
 
     def generator_loss(self, fake: Tensor) -> Tensor:
         """Saturating: descend -E_fake[(lambda f)*(h)] (the objective's G-dependent term);
         non-saturating: descend -E_fake[h]."""
-        v = self.critic_output(fake)
-        if self.hparams.generator_loss == "saturating":
-            return -self.divergence.conjugate_of_activation(v).mean()
-        return -self.divergence.activation(v).mean()
-
-    # ---- the dual value and its certificate ---------------------------------------------------
-
-    @torch.no_grad()
-    def dual_value(self, real: Tensor, fake: Tensor) -> Tensor:
-        """E_real[h] - E_fake[(lambda f)*(h)] on the given batches (critic in eval mode, so the
-        spectral-norm power iterations do not move)."""
-        with eval_mode(self.critic):
-            return self.critic_objective(real, fake)
-
-    def critic_lipschitz_bound(self) -> float:
-        """Certified upper bound on the Lipschitz constant of h in the l2 metric: the product of
-        the critic layers' operator norms times the slope of g_f (inf for unbounded slopes)."""
-        return self._network_bound() * self.divergence.activation_lipschitz
-
-    def is_dual_certified(self, bound: float | None = None) -> bool:
-        """Whether dual_value is a certified lower bound: g_f 1-Lipschitz and bound <= 1."""
-        bound = self.critic_lipschitz_bound() if bound is None else bound
-        return self.divergence.is_activation_1_lipschitz and bound <= 1.0
-
-    @torch.no_grad()
-    def certified_dual_value(self, real: Tensor, fake: Tensor, network_bound: float | None = None) -> Tensor:
-        """The dual value of the critic v / max(1, L(v)), which is in H_c whenever g_f is
-        1-Lipschitz: a certified lower bound on GAN_{lambda f}(P_real, P_fake; H_c) <= W_l2.
-        NaN when g_f is not 1-Lipschitz (reverse_kl, neyman, hellinger)."""
-        if not self.divergence.is_activation_1_lipschitz:
-            return torch.tensor(math.nan, device=real.device)
-        scale = max(1.0, self._network_bound() if network_bound is None else network_bound)
-        with eval_mode(self.critic):
-            offset = self.divergence.neutral_output  # a constant: only the network's part is rescaled
-            return self.divergence.variational_estimate(
-                self.critic(real) / scale + offset, self.critic(fake) / scale + offset
-            )
-
-    def _network_bound(self) -> float:
-        with eval_mode(self.critic):
-            return lipschitz_upper_bound(self.critic, self.data_shape)
+        return self.dual_generator_loss(fake)
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -224,11 +164,7 @@ class FGAN(GenerativeModule):
         self.log(f"{split}/critic_objective", self.dual_value(real, fake), prog_bar=True, sync_dist=True)
         if self._epoch_bound is None:
             return
-        with eval_mode(self.critic):
-            pairs_estimate = torch.maximum(
-                empirical_lipschitz(self.critic_value, real, fake),
-                empirical_lipschitz(self.critic_value, real, real.roll(1, dims=0)),
-            )
+        pairs_estimate = self.pair_lipschitz_estimate(real, fake)
         bound = self._epoch_bound * self.divergence.activation_lipschitz
         self.log(f"{split}/lipschitz_estimate", pairs_estimate, reduce_fx="max", sync_dist=True)
         self.log(f"{split}/lipschitz_bound", bound, sync_dist=True)

@@ -62,8 +62,8 @@ from lightning_modules.latent_divergence import (
     monte_carlo_divergence,
     reparameterize,
 )
-from lightning_modules.lipschitz import empirical_lipschitz, lipschitz_upper_bound
-from lightning_modules.losses import CostName, PriorName, check_choice, check_cost_name, gradient_penalty
+from lightning_modules.lipschitz_critic import LipschitzCriticMixin
+from lightning_modules.losses import CostName, PriorName, check_choice, check_cost_name
 from lightning_modules.losses import cost as pointwise_cost
 from lightning_modules.networks import build_critic, build_decoder, build_encoder
 
@@ -80,7 +80,7 @@ _SUMS = (
 )
 
 
-class PrimalDual(GenerativeModule):
+class PrimalDual(LipschitzCriticMixin, GenerativeModule):
     """Generator, encoder, Lipschitz data critic and latent critic: the f-WAE and the Lipschitz f-GAN
     as one model, with the duality gap between them logged at every validation.
 
@@ -236,33 +236,12 @@ class PrimalDual(GenerativeModule):
 
     # ---- the dual side ------------------------------------------------------------------------
 
-    def critic_output(self, x: Tensor) -> Tensor:
-        """v(x): the data critic network plus the constant `neutral_output` (lambda for kl, else 0),
-        so that an untrained critic sits at the optimal constant lambda f'(1). (B, *data_shape) -> (B,)."""
-        return self.critic(x) + self.data_divergence.neutral_output
+    @property
+    def critic_divergence(self):
+        return self.data_divergence  # lambda f
 
-    def critic_value(self, x: Tensor) -> Tensor:
-        """h(x) = lambda g_f(v(x) / lambda). (B, *data_shape) -> (B,)."""
-        return self.data_divergence.activation(self.critic_output(x))
-
-    def critic_objective(self, real: Tensor, fake: Tensor) -> Tensor:
-        """E_real[h] - E_fake[(lambda f)*(h)], through the fused stable conjugate of the activation."""
-        return self.data_divergence.variational_estimate(self.critic_output(real), self.critic_output(fake))
-
-    def critic_loss(self, real: Tensor, fake: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(loss to descend, critic objective, mean gradient norm at interpolates or None)."""
-        objective = self.critic_objective(real, fake)
-        if self.hparams.lipschitz != "gradient_penalty":
-            return -objective, objective, None
-        penalty, grad_norm = gradient_penalty(self.critic_value, real, fake)
-        return -objective + self.hparams.gp_weight * penalty, objective, grad_norm
-
-    def dual_generator_loss(self, fake: Tensor) -> Tensor:
-        """Saturating: -E_fake[(lambda f)*(h)] (the dual value's G-dependent term); non-saturating: -E_fake[h]."""
-        v = self.critic_output(fake)
-        if self.hparams.generator_loss == "saturating":
-            return -self.data_divergence.conjugate_of_activation(v).mean()
-        return -self.data_divergence.activation(v).mean()
+    def _cost_is_metric(self) -> bool:
+        return self.hparams.cost in METRIC_COSTS
 
     def combined_generator_loss(self, primal: Tensor, dual_generator: Tensor | None) -> Tensor:
         """alpha * primal + (1 - alpha) * dual_generator, with the term of weight 0 left out (so
@@ -273,46 +252,6 @@ class PrimalDual(GenerativeModule):
         if alpha == 0.0:
             return dual_generator
         return alpha * primal + (1.0 - alpha) * dual_generator
-
-    # ---- the dual value and its certificate (as the FGAN) -------------------------------------
-
-    @torch.no_grad()
-    def dual_value(self, real: Tensor, fake: Tensor) -> Tensor:
-        """E_real[h] - E_fake[(lambda f)*(h)] on the given batches (critic in eval mode, so the
-        spectral-norm power iterations do not move)."""
-        with eval_mode(self.critic):
-            return self.critic_objective(real, fake)
-
-    def critic_lipschitz_bound(self) -> float:
-        """Certified upper bound on the Lipschitz constant of h in the l2 metric: the product of
-        the critic layers' operator norms times the slope of g_f (inf for unbounded slopes)."""
-        return self._network_bound() * self.data_divergence.activation_lipschitz
-
-    def is_dual_certified(self, bound: float | None = None) -> bool:
-        """Whether dual_value is a certified lower bound on the primal side: c a metric, g_f
-        1-Lipschitz and the critic's certified bound <= 1."""
-        if self.hparams.cost not in METRIC_COSTS or not self.data_divergence.is_activation_1_lipschitz:
-            return False
-        bound = self.critic_lipschitz_bound() if bound is None else bound
-        return bound <= 1.0
-
-    @torch.no_grad()
-    def certified_dual_value(self, real: Tensor, fake: Tensor, network_bound: float | None = None) -> Tensor:
-        """The dual value of the critic v / max(1, L(v)), which is in H_c whenever g_f is
-        1-Lipschitz: a certified lower bound on GAN_{lambda f}(P_real, P_fake; H_c).
-        NaN when g_f is not 1-Lipschitz (reverse_kl, neyman, hellinger)."""
-        if not self.data_divergence.is_activation_1_lipschitz:
-            return torch.tensor(math.nan, device=real.device)
-        scale = max(1.0, self._network_bound() if network_bound is None else network_bound)
-        with eval_mode(self.critic):
-            offset = self.data_divergence.neutral_output  # a constant: only the network's part is rescaled
-            return self.data_divergence.variational_estimate(
-                self.critic(real) / scale + offset, self.critic(fake) / scale + offset
-            )
-
-    def _network_bound(self) -> float:
-        with eval_mode(self.critic):
-            return lipschitz_upper_bound(self.critic, self.data_shape)
 
     # ---- training -----------------------------------------------------------------------------
 
@@ -486,10 +425,7 @@ class PrimalDual(GenerativeModule):
             count = torch.tensor(batch_size, dtype=torch.float64, device=self._sums.device)
             self._sums += torch.stack([t.double().sum() for t in terms] + [count])
             if self.hparams.lipschitz != "none":
-                estimate = torch.maximum(
-                    empirical_lipschitz(self.critic_value, real, fake),
-                    empirical_lipschitz(self.critic_value, real, real.roll(1, dims=0)),
-                )
+                estimate = self.pair_lipschitz_estimate(real, fake)
                 self.log(f"{split}/lipschitz_estimate", estimate, reduce_fx="max", sync_dist=True)
 
     def _end_evaluation(self, split: str) -> None:
