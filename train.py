@@ -300,7 +300,19 @@ def main(args: Sequence[str] | None = None) -> int:
             err = err.__cause__
         print(f"error: {type(err).__name__}: {err}\n(set {TRACEBACK_VARIABLE}=1 for the traceback)", file=sys.stderr, flush=True)
         return 2
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the default process group, if a DDP run made one, before the interpreter exits.
+    Lightning leaves a gloo group alive (it only registers this for nccl); its worker threads are
+    then torn down by the garbage collector during interpreter shutdown, which intermittently ends
+    the process with "terminate called without an active exception" (SIGABRT, exit -6) after a
+    run that finished normally."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -195,3 +195,16 @@ def test_models_reseed_ranks_at_setup_and_after_restoring_a_checkpoint():
     single = torch.randn(6)
     assert torch.equal(fresh[0], single) and not torch.equal(fresh[1], single)
     assert torch.equal(resumed[0], single) and not torch.equal(resumed[1], single)
+
+
+def test_main_destroys_the_process_group_it_leaves_behind(tmp_path):
+    """train.main closes a process group the run left open: a gloo group torn down by the garbage
+    collector at interpreter exit intermittently aborts a finished run (SIGABRT, exit -6)."""
+    from train import close_process_group
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    close_process_group()
+    assert not torch.distributed.is_initialized()
+    close_process_group()  # and nothing to do without one
