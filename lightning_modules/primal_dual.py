@@ -13,6 +13,8 @@ divided by their operator norms by default) and a latent critic T for D_f(Q_Z ||
 - T ascends the variational estimate E_{Q_Z}[g_f(T)] - E_{P_Z}[f*(g_f(T))] of D_f(Q_Z || P_Z);
 - h = lambda g_f(v / lambda) ascends the dual value E_{P_X}[h] - E_{P_G}[(lambda f)*(h)];
 - E descends the primal loss  E c(x, G(E(x))) + lambda * (T's estimate)  (the primal is an inf over E);
+  with `training_estimator="monte_carlo"` (Gaussian encoder) the critic-free estimate for the batch's
+  Gaussian mixture replaces T's in this loss;
 - G descends  alpha * primal + (1 - alpha) * (generator side of the dual), the latter
   -E_{P_G}[(lambda f)*(h)] (`saturating`, the dual value's G-dependent term) or -E_{P_G}[h]
   (`non_saturating`). alpha = 1 is the f-WAE (`WAE(latent_penalty="f")`), alpha = 0 the Lipschitz
@@ -57,6 +59,7 @@ from torch import Tensor
 from lightning_modules.base import GenerativeModule, eval_mode
 from lightning_modules.divergences import get_divergence
 from lightning_modules.latent_divergence import (
+    batch_monte_carlo_divergence,
     check_monte_carlo_prior,
     gaussian_code_parameters,
     monte_carlo_divergence,
@@ -96,6 +99,11 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
         encoder_type: "deterministic" or "gaussian" (reparameterised N(mu(x), diag sigma^2(x))).
         primal_estimator: D_f estimate in `val/primal`: "critic" (latent critic, any encoder) or
             "monte_carlo" (critic-free, needs encoder_type="gaussian" and prior="gaussian").
+        training_estimator: D_f estimate in the primal loss that E (and G) descend: "critic" (the
+            latent critic's variational estimate, as the f-WAE) or "monte_carlo" (the differentiable
+            critic-free estimate for the batch's Gaussian mixture, `batch_monte_carlo_divergence`: no
+            adversary, and not a lower estimate that the encoder can exploit; needs encoder_type=
+            "gaussian" and prior="gaussian"). T is trained either way, for val/latent_divergence_critic.
         generator_loss: dual side of the generator loss, "saturating" (descend -E (lambda f)*(h)) or
             "non_saturating" (descend -E h), as in the FGAN.
         lipschitz: data critic class: "spectral_norm" (operator norms), "gradient_penalty"
@@ -126,6 +134,7 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
         prior: PriorName = "gaussian",
         encoder_type: Literal["deterministic", "gaussian"] = "deterministic",
         primal_estimator: Literal["critic", "monte_carlo"] = "critic",
+        training_estimator: Literal["critic", "monte_carlo"] = "critic",
         generator_loss: Literal["saturating", "non_saturating"] = "saturating",
         lipschitz: Literal["spectral_norm", "gradient_penalty", "none"] = "spectral_norm",
         gp_weight: float = 10.0,
@@ -152,6 +161,7 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
         check_cost_name(cost)
         check_choice("encoder_type", encoder_type, ENCODER_TYPES)
         check_choice("primal_estimator", primal_estimator, PRIMAL_ESTIMATORS)
+        check_choice("training_estimator", training_estimator, PRIMAL_ESTIMATORS)
         check_choice("generator_loss", generator_loss, GENERATOR_LOSSES)
         check_choice("lipschitz", lipschitz, LIPSCHITZ_CHOICES)
         if not 0.0 <= alpha <= 1.0:
@@ -164,13 +174,14 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
             raise ValueError(
                 f"Need n_critic >= 1, gp_weight >= 0 and mc_samples >= 2, got {n_critic}, {gp_weight} and {mc_samples}."
             )
-        if primal_estimator == "monte_carlo":
-            if encoder_type != "gaussian":
-                raise ValueError(
-                    "primal_estimator='monte_carlo' needs encoder_type='gaussian': a deterministic encoder's "
-                    "Q_Z on a finite sample is discrete, with no density. Use primal_estimator='critic'."
-                )
-            check_monte_carlo_prior(prior)
+        for name, estimator in (("primal_estimator", primal_estimator), ("training_estimator", training_estimator)):
+            if estimator == "monte_carlo":
+                if encoder_type != "gaussian":
+                    raise ValueError(
+                        f"{name}='monte_carlo' needs encoder_type='gaussian': a deterministic encoder's "
+                        f"Q_Z on a finite sample is discrete, with no density. Use {name}='critic'."
+                    )
+                check_monte_carlo_prior(prior)
         self.latent_divergence = get_divergence(divergence)  # f: D_f(Q_Z || P_Z) in the primal
         self.data_divergence = get_divergence(divergence, lambda_)  # lambda f: GAN_{lambda f} in the dual
         if cost not in METRIC_COSTS:
@@ -227,11 +238,20 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
         """T's network plus the constant v0 with g_f(v0) = f'(1) (1 for kl, else 0). (B, d_z) -> (B,)."""
         return self.latent_critic(z) + self.latent_divergence.neutral_output
 
-    def primal_loss(self, x: Tensor, z: Tensor, z_prior: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def primal_loss(
+        self, x: Tensor, z: Tensor, z_prior: Tensor, code_parameters: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(recon + lambda * D_f estimate, recon, D_f estimate) for data x, its codes z and prior draws
-        z_prior: the f-WAE loss that the encoder (and, weighted by alpha, the generator) descends."""
+        z_prior: the f-WAE loss that the encoder (and, weighted by alpha, the generator) descends.
+        The estimate is the latent critic's, or with training_estimator="monte_carlo" the batch
+        mixture's Monte Carlo estimate, which needs the codes' (mean, log_var) in `code_parameters`."""
         recon = self.reconstruction_cost(x, self.decode(z))
-        penalty = self.latent_divergence_critic(z, z_prior)
+        if self.hparams.training_estimator == "monte_carlo":
+            if code_parameters is None:
+                raise ValueError("training_estimator='monte_carlo' needs the codes' (mean, log_var) in code_parameters.")
+            penalty = batch_monte_carlo_divergence(self.latent_divergence, *code_parameters, z, z_prior)
+        else:
+            penalty = self.latent_divergence_critic(z, z_prior)
         return recon + self.hparams.lambda_ * penalty, recon, penalty
 
     # ---- the dual side ------------------------------------------------------------------------
@@ -277,7 +297,12 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
         x = self.batch_data(batch)  # (B, *data_shape)
         batch_size = x.shape[0]
         opt_ae, opt_latent, opt_critic = self.optimizers()
-        z = self.encode(x)  # (B, d_z)
+        code_parameters = None  # (mean, log_var) of a Gaussian encoder, each (B, d_z)
+        if self.hparams.encoder_type == "gaussian":
+            code_parameters = self.encode_parameters(x)
+            z = reparameterize(*code_parameters)  # (B, d_z): the same draw as self.encode(x)
+        else:
+            z = self.encode(x)  # (B, d_z)
         values, skipped = {}, 0  # critic values of the last step taken; steps skipped (non-finite)
 
         # The latent critic T ascends its estimate of D_f(Q_Z || P_Z) (as the f-WAE's).
@@ -311,7 +336,7 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
 
         # E descends the primal; G descends alpha * primal + (1 - alpha) * dual generator loss.
         self.toggle_optimizer(opt_ae)
-        primal, recon, penalty = self.primal_loss(x, z, self.sample_latent(batch_size).to(z.dtype))
+        primal, recon, penalty = self.primal_loss(x, z, self.sample_latent(batch_size).to(z.dtype), code_parameters)
         self.check_finite("train/primal", primal)
         dual_generator = None
         if self.hparams.alpha < 1.0:
@@ -324,7 +349,7 @@ class PrimalDual(LipschitzCriticMixin, GenerativeModule):
 
         values.update({
             "train/recon": recon,
-            "train/latent_divergence_critic": penalty,
+            f"train/latent_divergence_{self.hparams.training_estimator}": penalty,
             "train/primal": primal,
             "train/generator_loss": self.combined_generator_loss(primal, dual_generator),
         })
