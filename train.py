@@ -30,9 +30,7 @@ What the CLI adds to Lightning's (SPEC sections 8 and 9):
 from __future__ import annotations
 
 import os
-import re
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +45,7 @@ import callbacks  # noqa: F401  (registers the callbacks for short names in conf
 import datamodules  # noqa: F401  (registers the datamodules for --data NAME)
 import lightning_modules  # noqa: F401  (registers the models for --model NAME)
 from lightning_modules.base import NonFiniteError
+from lightning_modules.checkpoints import AtomicCheckpointIO, check_checkpoint_file, newest_last_checkpoint
 
 TRACEBACK_VARIABLE = "PRIMAL_DUAL_TRACEBACK"
 # What `python train.py` reports as one message (exit status 2) instead of a traceback: the
@@ -54,112 +53,6 @@ TRACEBACK_VARIABLE = "PRIMAL_DUAL_TRACEBACK"
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError, NonFiniteError)
 LOGGERS_WITH_VERSIONS = ("TensorBoardLogger", "CSVLogger")  # log dirs <save_dir>/<name>/version_N
 NAMED_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning (and "last" by the CLI first)
-
-
-class CheckpointFileError(ValueError):
-    """A `--ckpt_path` file that is not a readable Lightning checkpoint."""
-
-
-def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Raise a clear error unless `path` is a readable Lightning checkpoint (SPEC 9).
-
-    Distinguishes a missing path, a folder, an empty file, a truncated file (a zip archive, the
-    format of `torch.save`, without its index), bytes that torch cannot read at all, and a torch
-    file without a `state_dict` (plain weights). Zip files are opened with `mmap`, so the check
-    reads the metadata only, not the tensors.
-    """
-    p = Path(path)
-    fix = "Pass a .ckpt file written by training (<save_dir>/<name>/version_N/checkpoints/*.ckpt), or `last`."
-    if not p.exists():
-        raise FileNotFoundError(f"--ckpt_path {p}: no such file. {fix}")
-    if p.is_dir():
-        found = sorted(q.name for q in p.rglob("*.ckpt"))[:3]
-        inside = f" (it holds {', '.join(found)})" if found else ""
-        raise IsADirectoryError(f"--ckpt_path {p} is a folder{inside}. {fix}")
-    size = p.stat().st_size
-    if size == 0:
-        raise CheckpointFileError(f"--ckpt_path {p} is empty (0 bytes): its write or copy was interrupted. {fix}")
-    with open(p, "rb") as f:
-        head = f.read(8)
-    is_zip = head.startswith(b"PK")  # torch.save writes zip archives (since torch 1.6)
-    if not is_zip and not head.startswith(b"\x80"):  # nor a pickle: torch's legacy format
-        raise CheckpointFileError(
-            f"--ckpt_path {p} ({size} bytes) is not a checkpoint: torch.save files are zip archives (they start "
-            f"with b'PK') or pickles, and this file starts with {head!r}. {fix}"
-        )
-    if is_zip and not zipfile.is_zipfile(p):
-        raise CheckpointFileError(
-            f"--ckpt_path {p} ({size} bytes) is a truncated or damaged checkpoint: it starts as a torch.save "
-            "archive but the archive's index at its end is missing, so the file was cut short (an interrupted "
-            f"write or copy). Copy it again, or use an earlier checkpoint. {fix}"
-        )
-    try:
-        checkpoint = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as err:  # noqa: BLE001  (torch raises many types here; all mean "cannot read it")
-        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise CheckpointFileError(f"--ckpt_path {p} ({size} bytes) cannot be read by torch.load: {reason.rstrip('.')}. {fix}") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        keys = ", ".join(map(str, list(checkpoint)[:4])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointFileError(
-            f"--ckpt_path {p} is a torch file but not a Lightning checkpoint: it has no 'state_dict' (it holds "
-            f"{keys}). Plain weights (torch.save(model.state_dict())) load with model.load_state_dict(...) in "
-            f"Python, not through --ckpt_path. {fix}"
-        )
-
-
-def newest_last_checkpoint(log_root: Path) -> tuple[Path, int] | None:
-    """The most recently written last*.ckpt under `log_root`/version_N/checkpoints, with its N."""
-    found = []
-    for folder in log_root.glob("version_*"):
-        match = re.fullmatch(r"version_(\d+)", folder.name)
-        if match:
-            for ckpt in (folder / "checkpoints").glob("last*.ckpt"):
-                if re.fullmatch(r"last(-v?\d+)?\.ckpt", ckpt.name):
-                    found.append((ckpt.stat().st_mtime, int(match.group(1)), ckpt))
-    if not found:
-        return None
-    _, version, ckpt = max(found)
-    return ckpt, version
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint completely or not at all, on the checkpoint's own filesystem.
-
-    Lightning's default (`_atomic_save`, an fsspec transaction) writes a temporary file in the
-    system temp folder and moves it over the target: a rename when that folder is on the same
-    filesystem, but a copy into the truncated target when it is not (a node-local /tmp and a
-    shared checkpoint folder), so a crash during that copy destroys the previous checkpoint
-    (tests/test_resume.py shows both). Here the temporary file sits beside the target, is
-    flushed to disk, then renamed over it (`os.replace`, atomic on POSIX); temporary files of a
-    killed writer are removed at the next save of the same file. Remote URLs go to Lightning's.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        text = str(path)
-        if storage_options is not None or ("://" in text and not text.startswith("file://")):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(text.removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # one writer per file: leftovers of a crash
-            stale.unlink(missing_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            with open(temporary, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        try:  # make the rename itself durable
-            folder = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
-        except OSError:
-            pass  # some filesystems cannot fsync a folder; the file itself is on disk
 
 
 class PrimalDualCLI(LightningCLI):

@@ -28,7 +28,8 @@ from lightning_modules.fgan import FGAN
 from lightning_modules.primal_dual import PrimalDual
 from lightning_modules.wae import WAE
 from probes import run_train
-from train import CheckpointFileError, cli_main, main
+from lightning_modules.checkpoints import CheckpointFileError
+from train import cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "wae_digits.yaml")

@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from probes import ROOT, run_train
-from train import AtomicCheckpointIO, cli_main, newest_last_checkpoint
+from lightning_modules.checkpoints import AtomicCheckpointIO, newest_last_checkpoint
+from train import cli_main
 
 TINY = [
     "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2", "--trainer.check_val_every_n_epoch", "1",
