@@ -17,7 +17,8 @@ from lightning_modules.fgan import FGAN
 from lightning_modules.latent_divergence import monte_carlo_divergence
 from lightning_modules.losses import cost
 from lightning_modules.networks import Squeeze
-from lightning_modules.primal_dual import MC_SEED, PrimalDual
+from lightning_modules.primal_dual import PrimalDual
+from lightning_modules.primal_dual_evaluation import MC_SEED
 from lightning_modules.wae import WAE
 
 
@@ -275,7 +276,7 @@ def test_duality_gap_closes_on_a_gaussian_shift_with_a_known_value():
 def test_validation_values_are_epoch_aggregates(encoder_type, monkeypatch):
     """Two validation batches of unequal size (64 + 36): every logged value is the one of the whole
     held-out set, not the average of the two batch values."""
-    import lightning_modules.primal_dual as module
+    import lightning_modules.primal_dual_evaluation as module  # where validation draws the codes
 
     torch.manual_seed(0)
     val_x = torch.randn(100, 2, dtype=torch.float64)
