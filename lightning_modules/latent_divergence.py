@@ -246,7 +246,7 @@ def batch_monte_carlo_divergence(
     divergence: str | FDivergence, mean: Tensor, log_var: Tensor, codes: Tensor, prior_draws: Tensor
 ) -> Tensor:
     """Differentiable estimate of D_f(Q_B || P_Z), Q_B the Gaussian mixture of a batch's B codes:
-    the training loss of `PrimalDual(latent_penalty="monte_carlo")`, with no critic.
+    the training loss of `PrimalDual(training_estimator="monte_carlo")`, with no critic.
 
     The balanced proposal of `monte_carlo_divergence`, stratified: D_f = E_m[(p/m) f(q/p)] with
     m = (P_Z + Q_B)/2 is estimated by (1/2) mean_j [w f(r)](prior_draws_j) + (1/2) mean_i [w f(r)](codes_i),

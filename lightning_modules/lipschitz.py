@@ -54,11 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.networks import MaxMin, Squeeze
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AFFINE = (nn.Linear, *_CONVS, *_AVG_POOLS)  # layers whose operator norm is computed
-_LIP_ONE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten)
+_LIP_ONE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten, Squeeze, MaxMin)
 
 
 @contextmanager
@@ -198,7 +200,7 @@ def _max_pool_constant(pool: nn.Module) -> float:
 
 def _activation_constant(module: nn.Module) -> float | None:
     """Lipschitz constant of a known parameter-free (or PReLU) module, None if unknown."""
-    if isinstance(module, _LIP_ONE) or type(module).__name__ in ("Squeeze", "MaxMin"):
+    if isinstance(module, _LIP_ONE):
         return 1.0
     if isinstance(module, nn.LeakyReLU):
         return max(1.0, abs(module.negative_slope))

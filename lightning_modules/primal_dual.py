@@ -65,10 +65,10 @@ from lightning_modules.latent_divergence import (
     reparameterize,
 )
 from lightning_modules.lipschitz_critic import LipschitzCriticMixin
-from lightning_modules.primal_dual_evaluation import PrimalDualEvaluationMixin
 from lightning_modules.losses import CostName, PriorName, check_choice, check_cost_name
 from lightning_modules.losses import cost as pointwise_cost
 from lightning_modules.networks import build_critic, build_decoder, build_encoder
+from lightning_modules.primal_dual_evaluation import PrimalDualEvaluationMixin
 
 ENCODER_TYPES = ("deterministic", "gaussian")
 PRIMAL_ESTIMATORS = ("critic", "monte_carlo")
