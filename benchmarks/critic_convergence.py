@@ -38,11 +38,12 @@ NUM_TRAIN, NUM_TEST, NUM_LARGE, BATCH = 20_000, 2000, 8000, 256
 
 
 def ring(n: int, generator: torch.Generator, radius: float = 2.0, std: float = 0.1, rotation: float = 0.0) -> torch.Tensor:
-    """n points of the ring of 8 Gaussians, (n, 2) float64."""
-    mode = torch.randint(8, (n,), generator=generator).double()
-    angle = 2 * math.pi * mode / 8 + rotation
-    centres = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
-    return centres + std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    """n points of the ring of 8 Gaussians (the datamodule's mixture), turned by `rotation`, (n, 2) float64."""
+    from datamodules.toy2d import mixture_centers, sample_mixture
+
+    c, s = math.cos(rotation), math.sin(rotation)
+    centres = mixture_centers("ring", 8, radius).double() @ torch.tensor([[c, s], [-s, c]], dtype=torch.float64)
+    return sample_mixture(centres, std, n, generator).tensors[0].double()
 
 
 def model_samples(n: int, generator: torch.Generator) -> torch.Tensor:
