@@ -203,7 +203,8 @@ class PythaeTrainerContender:
         wae = build_wae(channels)
         self.model = common.pythae_wae_mmd(wae.encoder, wae.decoder, IMAGE_SHAPE, LATENT_DIM, LAMBDA)
         self.images = images
-        self.output_dir = tempfile.mkdtemp(prefix="pythae_throughput_")
+        self._scratch = tempfile.TemporaryDirectory(prefix="pythae_throughput_")  # removed with the contender
+        self.output_dir = self._scratch.name
 
     def run(self, steps: int) -> list[float]:
         import torch
