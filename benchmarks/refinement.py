@@ -24,7 +24,7 @@ def refine_critic(model: Any, datamodule: Any, steps: int, seed: int) -> None:
         return
     hp = model.hparams
     optimizer = torch.optim.Adam(model.critic.parameters(), lr=hp.critic_lr, betas=tuple(hp.betas))
-    model.train()
+    train_all_but_generator(model)
     torch.manual_seed(10_000 + seed)
     done = 0
     while done < steps:
@@ -39,6 +39,13 @@ def refine_critic(model: Any, datamodule: Any, steps: int, seed: int) -> None:
             if done == steps:
                 break
     model.eval()
+
+
+def train_all_but_generator(model: Any) -> None:
+    """Training mode for the critics and the encoder, evaluation mode for G: a frozen G must not move
+    its batch-norm running statistics or its spectral norms' power iterations either."""
+    model.train()
+    model.decoder.eval()
 
 
 def continuation_lambda(step: int, steps: int, lambda_: float, start: float, fraction: float) -> float:
@@ -99,7 +106,7 @@ def refine_encoder(
     best = {"score": primal_objective(model, selection, seed), "step": -1,
             "state": copy.deepcopy(model.encoder.state_dict())}
     score_before = best["score"]
-    model.train()
+    train_all_but_generator(model)
     for p in model.decoder.parameters():
         p.requires_grad_(False)
     try:
@@ -122,7 +129,7 @@ def refine_encoder(
 
             if (step + 1) % check_every == 0 or step + 1 == steps:
                 score = primal_objective(model, selection, seed)
-                model.train()
+                train_all_but_generator(model)
                 if score < best["score"]:
                     best = {"score": score, "step": step + 1, "state": copy.deepcopy(model.encoder.state_dict())}
         model.encoder.load_state_dict(best["state"])
