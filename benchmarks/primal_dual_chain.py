@@ -471,9 +471,9 @@ def train_one(job: dict) -> dict:
     else:
         running = history[-1]
         refine_critic(model, datamodule, job["refine_steps"], job["seed"])
-        kept = refine_encoder(model, datamodule, job["encoder_steps"], job["seed"], batch_size=job["encoder_batch"])
+        kept_step = refine_encoder(model, datamodule, job["encoder_steps"], job["seed"], batch_size=job["encoder_batch"])
         final = evaluate(model, real, more_real=more_real)
-        final["encoder_best_step"] = kept.get("best_step", math.nan)
+        final["encoder_best_step"] = kept_step
         final.update({f"{key}_running": running.get(key, math.nan) for key in RUNNING_COLUMNS})
         final.update({"refine_steps": job["refine_steps"], "encoder_steps": job["encoder_steps"]})
     result = {

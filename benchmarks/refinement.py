@@ -65,7 +65,7 @@ def refine_encoder(
     start_lambda: float = 0.1,
     anneal_fraction: float = 0.9,
     check_every: int = 100,
-) -> dict[str, float]:
+) -> int:
     """`steps` more descent steps of the Gaussian encoder alone on the critic-free primal
     recon + lambda' * D_f(Q_B || P_Z) (`batch_monte_carlo_divergence`, the estimate of
     `training_estimator="monte_carlo"`), G frozen, with two changes from training:
@@ -88,10 +88,10 @@ def refine_encoder(
 
     The latent critic takes one ascent step per encoder step, so that its estimate (the "primal
     critic" column) follows the new Q_Z. The encoder's optimiser is a fresh Adam at the module's lr.
-    Returns {"score_before", "score_after", "best_step"} (best_step -1: the trained encoder kept).
+    Returns the step whose weights were kept (-1: the trained encoder's).
     """
     if steps <= 0:
-        return {}
+        return -1
     from lightning_modules.latent_divergence import batch_monte_carlo_divergence, reparameterize
 
     hp = model.hparams
@@ -105,7 +105,6 @@ def refine_encoder(
     selection = data[torch.randperm(len(data), generator=generator)[:batch_size]]  # (S, *data_shape)
     best = {"score": primal_objective(model, selection, seed), "step": -1,
             "state": copy.deepcopy(model.encoder.state_dict())}
-    score_before = best["score"]
     train_all_but_generator(model)
     for p in model.decoder.parameters():
         p.requires_grad_(False)
@@ -137,7 +136,7 @@ def refine_encoder(
         for p in model.decoder.parameters():
             p.requires_grad_(True)
         model.eval()
-    return {"score_before": score_before, "score_after": best["score"], "best_step": best["step"]}
+    return best["step"]
 
 
 def primal_objective(model: Any, x: torch.Tensor, seed: int, num_samples: int = 4096) -> float:
