@@ -356,6 +356,16 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
         handle.write("\n")
 
 
+def write_report(stem: str, text: str, rows: Sequence[dict[str, Any]], payload: dict[str, Any]) -> None:
+    """Print the report and write it to <stem>.md, its rows to <stem>.csv and `payload` to <stem>.json."""
+    print(text)
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".md", "w") as handle:
+        handle.write(text + "\n")
+    write_csv(stem + ".csv", rows)
+    write_json(stem + ".json", payload)
+
+
 def read_json(path: str) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
