@@ -406,6 +406,27 @@ def quiet() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
 
 
+def build_model(job: dict, datamodule: Any, model_args: dict) -> Any:
+    """The job's SinkhornGenerator or PrimalDual (Gaussian encoder, critic-free primal, cost l2), with the
+    InjectiveGenerator as G on the 2-D data unless the job asks for the config's MLP."""
+    if job["kind"] == "sinkhorn":
+        from lightning_modules.sinkhorn_generator import SinkhornGenerator
+
+        model = SinkhornGenerator(data_shape=datamodule.dims, latent_dim=model_args["latent_dim"], cost=COST,
+                                  width=model_args["width"], prior=model_args.get("prior", "gaussian"))
+    else:
+        from lightning_modules.primal_dual import PrimalDual
+
+        model = PrimalDual(data_shape=datamodule.dims, **{
+            **model_args, "divergence": job["divergence"], "lambda_": job["lambda"], "alpha": job["alpha"],
+            "cost": COST, "encoder_type": "gaussian", "primal_estimator": "monte_carlo",
+            "training_estimator": job.get("training_estimator", "critic"),
+            **({"critic_activation": job["critic_activation"]} if job.get("critic_activation") else {})})
+    if job["dataset"] == "gaussians" and job.get("generator", "injective") == "injective":
+        model.decoder = InjectiveGenerator(datamodule.dims[0], width=model_args["width"] // 2)  # every model alike
+    return model
+
+
 def train_one(job: dict) -> dict:
     """Train one PrimalDual (or SinkhornGenerator) and evaluate it; runs in a worker process."""
     import lightning as L
@@ -421,23 +442,9 @@ def train_one(job: dict) -> dict:
 
         more_real = sample_mixture(datamodule.centers, datamodule.std, NUM_MORE, torch.Generator().manual_seed(99)).tensors[0]
     L.seed_everything(job["seed"], verbose=False)
-    centre = None
-    if job["kind"] == "sinkhorn":
-        from lightning_modules.sinkhorn_generator import SinkhornGenerator
-
-        model = SinkhornGenerator(data_shape=datamodule.dims, latent_dim=model_args["latent_dim"], cost=COST,
-                                  width=model_args["width"], prior=model_args.get("prior", "gaussian"))
-    else:
-        from lightning_modules.primal_dual import PrimalDual
-
-        model = PrimalDual(data_shape=datamodule.dims, **{
-            **model_args, "divergence": job["divergence"], "lambda_": job["lambda"], "alpha": job["alpha"],
-            "cost": COST, "encoder_type": "gaussian", "primal_estimator": "monte_carlo",
-            "training_estimator": job.get("training_estimator", "critic"),
-            **({"critic_activation": job["critic_activation"]} if job.get("critic_activation") else {})})
-        centre = model.data_divergence.neutral_output  # added by the model to the critic's output
-    if job["dataset"] == "gaussians" and job.get("generator", "injective") == "injective":
-        model.decoder = InjectiveGenerator(datamodule.dims[0], width=model_args["width"] // 2)  # every model alike
+    model = build_model(job, datamodule, model_args)
+    # added by the model to the critic's output
+    centre = None if job["kind"] == "sinkhorn" else model.data_divergence.neutral_output
     history: list[dict] = []
 
     class Record(L.Callback):

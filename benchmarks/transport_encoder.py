@@ -42,8 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from primal_dual_chain import (  # noqa: E402
-    InjectiveGenerator, QUICK, RING_STD, load_settings, make_datamodule, quiet)
+from primal_dual_chain import QUICK, RING_STD, build_model, load_settings, make_datamodule, quiet  # noqa: E402
 
 NAME = "transport_encoder"
 WIDTHS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0]
@@ -55,15 +54,12 @@ def train_generator(divergence: str, lambda_: float, seed: int) -> tuple[Any, An
     """A PrimalDual with the chain's injective G, trained by the chain's quick recipe on the ring."""
     import lightning as L
 
-    from lightning_modules.primal_dual import PrimalDual
-
     model_args, data_args, _ = load_settings("gaussians")
     datamodule = make_datamodule("gaussians", data_args, RING_STD)
     L.seed_everything(seed, verbose=False)
-    model = PrimalDual(data_shape=datamodule.dims, **{
-        **model_args, "divergence": divergence, "lambda_": lambda_, "cost": "l2", "encoder_type": "gaussian",
-        "primal_estimator": "monte_carlo", "training_estimator": "monte_carlo", "critic_activation": "maxmin"})
-    model.decoder = InjectiveGenerator(datamodule.dims[0], width=model_args["width"] // 2)
+    model = build_model({"kind": "primal_dual", "dataset": "gaussians", "divergence": divergence, "lambda": lambda_,
+                         "alpha": model_args["alpha"], "training_estimator": "monte_carlo",
+                         "critic_activation": "maxmin"}, datamodule, model_args)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=QUICK["epochs"]["gaussians"],
                         limit_train_batches=QUICK["train_batches"]["gaussians"], limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
