@@ -1,7 +1,7 @@
 """Curves of logged metrics over training: one PNG plot and one CSV table per run.
 
 `MetricCurvesCallback` records the values of a few logged metrics (for the primal-dual model:
-`val/primal`, `val/dual`, `val/gap`, SPEC section 4) after every validation epoch of a fit, and
+`val/primal`, `val/dual`, `val/gap`, docs/theory.md 3.4) after every validation epoch of a fit, and
 writes `<log_dir>/images/<filename>` (the curves over epochs) with a CSV of the same numbers beside
 it (`<stem>.csv`: columns epoch, step, then one per key). The image also goes to every logger that
 takes images (`callbacks.images.log_image`).
@@ -98,7 +98,8 @@ class MetricCurvesCallback(L.Callback):
         title: the plot's title (default: the keys joined by commas).
 
     Keys absent from `trainer.callback_metrics` at a validation are skipped there (an empty CSV
-    cell, no point) with a one-time warning naming them and the keys that are available. Values
+    cell, no point: callbacks that evaluate every few epochs leave gaps); keys never logged in the
+    whole fit get a warning at its end naming them and the keys that are available. Values
     are recorded on every rank (they are the same under DDP with `sync_dist=True`); files are
     written on global rank zero only. Attributes: `rows` (the recorded values), `last_path` (the
     PNG written last, rank zero).
@@ -127,6 +128,8 @@ class MetricCurvesCallback(L.Callback):
         self.rows: list[dict[str, float]] = []
         self.last_path: str | None = None
         self._warned = False
+        self._available: list[str] = []  # the logged keys at the last validation, for the warning
+        self._previous: dict[str, Any] = {}  # the value objects read at the last validation
         self._written = 0  # number of rows in the files written last
 
     # ---- recording ---------------------------------------------------------------------------
@@ -137,17 +140,13 @@ class MetricCurvesCallback(L.Callback):
             return
         metrics = trainer.callback_metrics
         row: dict[str, float] = {"epoch": float(trainer.current_epoch), "step": float(trainer.global_step)}
-        missing = [key for key in self.keys if key not in metrics]
         for key in self.keys:
-            if key in metrics:
+            # trainer.callback_metrics keeps a value until it is logged again: a value object seen at the
+            # previous validation was not logged this time (a callback that evaluates every few epochs).
+            if key in metrics and metrics[key] is not self._previous.get(key):
                 row[key] = _to_float(metrics[key])
-        if missing and not self._warned:
-            self._warned = True
-            rank_zero_warn(
-                f"{type(self).__name__}: the key(s) {missing} are not among the logged metrics, so they are left "
-                f"out of {self.filename!r} (here and at any later validation where they stay missing). "
-                f"Available: {sorted(metrics) or 'none'}. Check the names or that the module logs them."
-            )
+        self._previous = {key: metrics.get(key) for key in self.keys}
+        self._available = sorted(metrics)
         self.rows.append(row)
         if len(self.rows) % self.every_n_epochs == 0:
             self._write(trainer)
@@ -155,6 +154,14 @@ class MetricCurvesCallback(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.rows and self._written != len(self.rows):
             self._write(trainer)
+        never = [key for key in self.keys if not any(key in row for row in self.rows)]
+        if never and self.rows and not self._warned:  # keys logged every few epochs are not missing
+            self._warned = True
+            rank_zero_warn(
+                f"{type(self).__name__}: the key(s) {never} were never among the logged metrics, so they are left "
+                f"out of {self.filename!r}. Available: {self._available or 'none'}. Check the names or that "
+                "the module (or a callback) logs them."
+            )
 
     # ---- files -------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Domain feature extractor for FID on labelled datamodules (SPEC 6).
+"""Domain feature extractor for FID on labelled datamodules (docs/theory.md 6).
 
 A small convnet classifier is trained once on the datamodule's training split and saved; its
 penultimate layer (64 ReLU features) is the feature map of the Frechet distance, logged under the

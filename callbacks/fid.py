@@ -1,4 +1,4 @@
-"""Frechet distance between Gaussian fits of image features, and the FID callback (SPEC 6).
+"""Frechet distance between Gaussian fits of image features, and the FID callback (docs/theory.md 6).
 
 For features of real images ~ N(mu1, S1) and of generated images ~ N(mu2, S2),
 
@@ -7,7 +7,7 @@ For features of real images ~ N(mu1, S1) and of generated images ~ N(mu2, S2),
 and tr sqrt(S1 S2) = tr sqrt(S1^{1/2} S2 S1^{1/2}): S1 S2 is similar to the symmetric positive
 semi-definite matrix S1^{1/2} S2 S1^{1/2} (conjugate by S1^{1/2}), so both have the same
 non-negative eigenvalues. The symmetric form needs one `eigh` of S1 and one `eigvalsh` of the
-product: stable, and at d = 2048 about 10x faster than scipy's `sqrtm` (SPEC 6).
+product: stable, and much faster than scipy's general `sqrtm` at d = 2048 (docs/BENCHMARKS.md).
 
 Layers, torchmetrics-style:
 - `frechet_distance` and `mean_cov`: pure functions in float64;
@@ -20,7 +20,6 @@ Layers, torchmetrics-style:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from callbacks.features import datamodule_feature_name, load_or_train_domain_features
-from callbacks.protocol import require_methods
+from callbacks.base import EvaluationCallback, check_positive
 
 
 def mean_cov(feature_sum: Tensor, outer_sum: Tensor, n: int | Tensor) -> tuple[Tensor, Tensor]:
@@ -48,7 +47,7 @@ def mean_cov(feature_sum: Tensor, outer_sum: Tensor, n: int | Tensor) -> tuple[T
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as a float64 scalar (SPEC 6).
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), as a float64 scalar (docs/theory.md 6).
 
     FD = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1^{1/2} S2 S1^{1/2}).
 
@@ -71,7 +70,7 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
 
 
 class FrechetFeatureDistance(FrechetInceptionDistance):
-    """torchmetrics' FID with any feature module, computed with `frechet_distance` (SPEC 6).
+    """torchmetrics' FID with any feature module, computed with `frechet_distance` (docs/theory.md 6).
 
     `feature` is an `nn.Module` with an int `num_features`; it receives the images passed to
     `update` exactly as given (torchmetrics converts to uint8 only for its built-in Inception).
@@ -96,8 +95,8 @@ class FrechetFeatureDistance(FrechetInceptionDistance):
         return frechet_distance(mu_real, cov_real, mu_fake, cov_fake)
 
 
-class FIDCallback(L.Callback):
-    """Log the Frechet distance between features of validation images and model samples (SPEC 6).
+class FIDCallback(EvaluationCallback):
+    """Log the Frechet distance between features of validation images and model samples (docs/theory.md 6).
 
     Args:
         feature_extractor: "domain" (a small classifier trained once on the datamodule's labelled
@@ -109,7 +108,7 @@ class FIDCallback(L.Callback):
         num_samples: real images (from the validation set) and generated images per evaluation,
             split over the DDP ranks.
         every_n_epochs: evaluate at the end of every n-th validation epoch (never in the sanity check).
-        batch_size: images per `pl_module.sample(n)` call.
+        batch_size: images per `pl_module.sample(n)` call and per feature pass.
         seed: generated images use seed + global_rank each time (the same codes every epoch, other
             codes on every rank), under `torch.random.fork_rng` so training randomness is untouched.
         feature_path: the domain extractor's file; default `<data_dir or default_root_dir>/
@@ -118,6 +117,7 @@ class FIDCallback(L.Callback):
             `feature_extractor_weights_path`); default: the torch hub cache, downloaded at first use.
         data_range: value range of the images, mapped to [0, 255] for Inception only.
 
+    Real statistics are computed once per run, from the first validation after the sanity check.
     Needs `pl_module.sample(num_samples) -> Tensor` (checked at `setup`).
     """
 
@@ -132,29 +132,21 @@ class FIDCallback(L.Callback):
         inception_weights_path: str | None = None,
         data_range: tuple[float, float] = (-1.0, 1.0),
     ) -> None:
+        super().__init__(every_n_epochs, seed)
         if isinstance(feature_extractor, str) and feature_extractor not in ("domain", "inception"):
             raise ValueError(f'feature_extractor must be "domain", "inception" or an nn.Module, got {feature_extractor!r}')
-        for name, value in [("num_samples", num_samples), ("every_n_epochs", every_n_epochs), ("batch_size", batch_size)]:
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        self.feature_extractor = feature_extractor
-        self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
-        self.batch_size = batch_size
-        self.seed = seed
-        self.feature_path = feature_path
-        self.inception_weights_path = inception_weights_path
-        self.data_range = data_range
+        check_positive(num_samples=num_samples, batch_size=batch_size)
+        self.feature_extractor, self.num_samples, self.batch_size = feature_extractor, num_samples, batch_size
+        self.feature_path, self.inception_weights_path, self.data_range = feature_path, inception_weights_path, data_range
         self.metric: FrechetFeatureDistance | None = None
         self.key: str | None = None  # e.g. "val/fid_digits", set at setup
         self.last_value: float | None = None
-        self._real_done = False  # real statistics are complete (computed once per run)
-        self._real_seen = 0  # real images added on this rank
+        self._real_added = False  # real statistics are in the metric (once per run)
 
     # ---- setup: the protocol, the feature extractor, the metric ---------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_methods(pl_module, self, ["sample"])
+        super().setup(trainer, pl_module, stage)
         if self.metric is not None:
             return
         extractor, name = self._build_extractor(trainer)
@@ -187,44 +179,23 @@ class FIDCallback(L.Callback):
 
     # ---- validation: real features once, generated features when due ---------------------
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+    def held_out_capacity(self, x: Tensor, trainer: L.Trainer) -> int:
+        return self.per_rank(self.num_samples, trainer)
 
-    def _per_rank(self, trainer: L.Trainer) -> int:
-        return math.ceil(self.num_samples / trainer.world_size)
+    def _update(self, images: Tensor, real: bool, device: torch.device) -> None:
+        for chunk in images.split(self.batch_size):
+            with torch.inference_mode():  # the metric's states stay inference tensors, whatever the Trainer's mode
+                self.metric.update(chunk.to(device), real=real)
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning moves the module to its device after the `setup` hooks: follow it here.
-        self.metric.to(pl_module.device)
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        wanted = self._per_rank(trainer) - self._real_seen
-        if self._real_done or wanted <= 0 or not self._due(trainer):
-            return
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch  # exactly as the data gives it
-        x = x[:wanted]
-        with torch.inference_mode():  # the metric's states stay inference tensors, whatever the Trainer's mode
-            self.metric.update(x.to(pl_module.device), real=True)
-        self._real_seen += len(x)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._due(trainer):
-            return
-        self._real_done = True  # the first evaluated epoch fixes the real statistics for the run
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metric.to(pl_module.device)  # Lightning moves the module to its device after the `setup` hooks
+        if not self._real_added and self.held_out is not None:
+            self._update(self.held_out, True, pl_module.device)  # exactly as the data gives them
+        self._real_added = True
         with torch.inference_mode():
             self.metric.reset()  # drops the generated side only (reset_real_features=False)
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed + trainer.global_rank)
-            remaining = self._per_rank(trainer)
-            while remaining > 0:
-                n = min(self.batch_size, remaining)
-                fake = pl_module.sample(n).detach()  # only n: user modules may take nothing else
-                with torch.inference_mode():
-                    self.metric.update(fake.to(pl_module.device), real=False)
-                remaining -= n
+        fake = self.generate(trainer, pl_module, self.per_rank(self.num_samples, trainer), self.batch_size)
+        self._update(fake, False, pl_module.device)
         try:
             with torch.inference_mode():
                 value = self.metric.compute()  # syncs the float64 sums over ranks: same value everywhere

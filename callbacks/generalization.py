@@ -1,7 +1,7 @@
 """The generalisation gap of the training objective, beside the transport term that bounds it
-(SPEC sections 4 and 5).
+(docs/theory.md 5.7).
 
-For an objective that is a supremum over c-Lipschitz critics (the dual side of SPEC 4), the
+For an objective that is a supremum over c-Lipschitz critics (the dual side, docs/theory.md 4.1), the
 value on the n-sample empirical measure P_hat_n differs from the value on P_X by at most
 W_c(P_hat_n, P_X). W_c between a training sample and a held-out sample of the same size is the
 measurable proxy for that term: by the triangle inequality it is within W_c(P_hat_n, P_X) +
@@ -13,7 +13,7 @@ W_c(P_hat'_n, P_X) of zero, and it shrinks with n as the empirical measures conv
   training objective: Lightning's `train/<objective>_epoch` when it was logged on_step and
   on_epoch, else `train/<objective>`);
 - `val/w_train_val_lower`, `val/w_train_val_upper`: the certified bracket on W_c between
-  `num_samples` training and `num_samples` validation samples (`callbacks/sinkhorn.py`), computed
+  `num_samples` training and `num_samples` validation samples (`transport.wasserstein_bracket`), computed
   once per run because the data do not change, and `val/w_train_val_num_samples`.
 """
 
@@ -27,8 +27,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 
-from callbacks.sinkhorn import WassersteinBracket, check_bracket_options, resolve_cost, wasserstein_bracket
-from callbacks.transport import check_cost_name
+from callbacks.base import EvaluationCallback, check_positive, resolve_cost
+from transport.bracket import WassersteinBracket, check_bracket_options, wasserstein_bracket
+from transport.costs import check_cost_name
 
 
 def draw_samples(loader: DataLoader, num_samples: int, seed: int) -> Tensor:
@@ -58,7 +59,7 @@ def draw_samples(loader: DataLoader, num_samples: int, seed: int) -> Tensor:
     return torch.cat(chunks)
 
 
-class GeneralizationGapCallback(L.Callback):
+class GeneralizationGapCallback(EvaluationCallback):
     """Log val/<objective> - train/<objective> and a certified bracket on W_c(train, val).
 
     Args:
@@ -69,11 +70,13 @@ class GeneralizationGapCallback(L.Callback):
         tol: target relative width of the W_c bracket.
         seed: seeds the choice of the samples (the same on every rank).
         max_seconds: time budget of the W_c solver (None: none).
-        backend: "auto", "tensorized" or "chunked" (see `callbacks.sinkhorn.wasserstein_bracket`).
+        backend: "auto", "tensorized" or "chunked" (see `transport.wasserstein_bracket`).
 
     Needs `trainer.fit(model, datamodule=...)` with a datamodule defining `train_dataloader` and
     `val_dataloader`, and a module that logs the objective for both splits.
     """
+
+    required = ()  # the module is known only through what it logs
 
     def __init__(
         self,
@@ -87,18 +90,13 @@ class GeneralizationGapCallback(L.Callback):
     ) -> None:
         if not objective or "/" in objective:
             raise ValueError(f"objective is a logged name without its split prefix (e.g. 'primal'), got {objective!r}.")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        super().__init__(every_n_epochs=1, seed=seed)
+        check_positive(num_samples=num_samples)
         if cost is not None:
             check_cost_name(cost)
         check_bracket_options(cost or "l2sq", backend, "geomloss", tol, max_seconds)
-        self.objective = objective
-        self.num_samples = num_samples
-        self.cost = cost
-        self.tol = tol
-        self.seed = seed
-        self.max_seconds = max_seconds
-        self.backend = backend
+        self.objective, self.num_samples = objective, num_samples
+        self.cost, self.tol, self.max_seconds, self.backend = cost, tol, max_seconds, backend  # of the W_c bracket
         self.bracket: WassersteinBracket | None = None  # W_c(train sample, val sample), once per run
         self.samples: tuple[Tensor, Tensor] | None = None  # the (train, val) samples it used
         self.last_gap: float | None = None
@@ -116,9 +114,8 @@ class GeneralizationGapCallback(L.Callback):
         if self.cost is None:
             self.cost = resolve_cost(pl_module, self)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validated = True
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = True  # the gap is read at the end of the training epoch, after the module's logging
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._validated:

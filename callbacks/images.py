@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from callbacks.protocol import require_methods
+from callbacks.base import EvaluationCallback
 
 
 def output_dir(trainer: L.Trainer, subdir: str) -> str:
@@ -95,19 +95,12 @@ def image_grid(images: Tensor, nrow: int, value_range: tuple[float, float] | Non
     return make_grid(images, nrow=nrow, normalize=True, value_range=value_range, pad_value=1.0)
 
 
-def seeded_samples(pl_module: L.LightningModule, num_samples: int, seed: int) -> Tensor:
-    """`pl_module.sample(num_samples)` under a fixed seed, leaving the global RNG state untouched,
-    so a grid shows the same latent codes every epoch."""
-    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return pl_module.sample(num_samples).detach()
+class SampleGridCallback(EvaluationCallback):
+    """Every `every_n_epochs` validation epochs, save a grid of `num_samples` model samples (for
+    2-D points: a scatter plot of held-out points and samples).
 
-
-class SampleGridCallback(L.Callback):
-    """Every `every_n_epochs` validation epochs, save a grid of `num_samples` model samples.
-
-    Needs `pl_module.sample(num_samples)`. Files: `<log_dir>/images/samples_epoch=NNNN.png`.
+    Needs `pl_module.sample(num_samples)`. Files: `<log_dir>/images/samples_epoch=NNNN.png`;
+    the same latent codes (from `seed`) every epoch.
     """
 
     def __init__(
@@ -118,39 +111,24 @@ class SampleGridCallback(L.Callback):
         value_range: tuple[float, float] | None = (-1.0, 1.0),
         seed: int = 0,
     ) -> None:
+        super().__init__(every_n_epochs, seed)
         self.num_samples = num_samples
-        self.every_n_epochs = every_n_epochs
         self.nrow = nrow
         self.value_range = value_range
-        self.seed = seed
-        self._real_points: list[Tensor] = []
         self.last_path: str | None = None
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_methods(pl_module, self, ["sample"])
+    def held_out_capacity(self, x: Tensor, trainer: L.Trainer) -> int:
+        return self.num_samples if x.ndim == 2 else 0  # points for the scatter plot; images need none
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        if self._due(trainer) and x.ndim == 2 and sum(len(r) for r in self._real_points) < self.num_samples:
-            self._real_points.append(x.detach().cpu())
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._due(trainer):
-            return
-        real, self._real_points = self._real_points, []
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = output_dir(trainer, "images")  # on every rank: trainer.log_dir broadcasts
         if not trainer.is_global_zero:
             return
-        samples = seeded_samples(pl_module, self.num_samples, self.seed).float().cpu()
+        samples = self.generate(trainer, pl_module, self.num_samples, self.num_samples).float().cpu()
         path = os.path.join(folder, f"samples_epoch={trainer.current_epoch:04d}.png")
         if samples.ndim == 2:  # (N, 2) points
-            real_points = torch.cat(real)[: self.num_samples] if real else samples[:0]
-            image = scatter_png(path, real_points[:, :2], samples[:, :2], f"epoch {trainer.current_epoch}")
+            real = self.held_out if self.held_out is not None else samples[:0]
+            image = scatter_png(path, real[:, :2].float(), samples[:, :2], f"epoch {trainer.current_epoch}")
         else:  # (N, C, H, W) images
             image = image_grid(samples, self.nrow, self.value_range)
             save_image(image, path)

@@ -1,4 +1,4 @@
-"""InceptionV3 features for FID, comparable with the literature (SPEC 6); needs torch-fidelity.
+"""InceptionV3 features for FID, comparable with the literature (docs/theory.md 6); needs torch-fidelity.
 
 The network is torchmetrics' `NoTrainInceptionV3` (torch-fidelity's port of the TensorFlow FID
 Inception, 2048 pool features). Its weights are downloaded at first use into the torch hub cache,

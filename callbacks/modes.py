@@ -1,4 +1,4 @@
-"""Mode coverage of a generator on a Gaussian mixture with known centres (SPEC 7).
+"""Mode coverage of a generator on a Gaussian mixture with known centres.
 
 For K isotropic components with centres c_1..c_K and standard deviation ``std``, every sample x
 is assigned to its nearest centre k(x) = argmin_k ||x - c_k||_2, and it is a *high-quality*
@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.protocol import require_methods
+from callbacks.base import EvaluationCallback
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def count_covered_modes(
     return mode_coverage(samples, centers, std, min_fraction, num_std).num_covered
 
 
-class ModeCoverageCallback(L.Callback):
+class ModeCoverageCallback(EvaluationCallback):
     """Every `every_n_epochs` validation epochs, draw `num_samples` samples on every rank and log
     `val/modes_covered` and `val/high_quality_fraction` (see `mode_coverage`) of all ranks'
     samples together: the per-mode counts are summed over ranks before the fractions are taken.
@@ -137,19 +137,18 @@ class ModeCoverageCallback(L.Callback):
         std: float | None = None,
         seed: int = 0,
     ) -> None:
-        if num_samples < 1 or every_n_epochs < 1:
-            raise ValueError(f"num_samples and every_n_epochs must be >= 1, got {num_samples} and {every_n_epochs}")
+        super().__init__(every_n_epochs, seed)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples = num_samples
         self.min_fraction = min_fraction
         self.num_std = num_std
-        self.every_n_epochs = every_n_epochs
         self.centers = None if centers is None else torch.as_tensor(centers, dtype=torch.float64)
         self.std = std
-        self.seed = seed
         self.last: ModeCoverage | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_methods(pl_module, self, ["sample"])
+        super().setup(trainer, pl_module, stage)
         datamodule = getattr(trainer, "datamodule", None)
         if self.centers is None:
             self.centers = getattr(datamodule, "centers", None)
@@ -164,13 +163,8 @@ class ModeCoverageCallback(L.Callback):
         _check_inputs(torch.zeros(1, self.centers.shape[-1]), torch.as_tensor(self.centers), float(self.std),
                       self.min_fraction, self.num_std)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed + trainer.global_rank)
-            samples = pl_module.sample(self.num_samples).detach().flatten(start_dim=1)  # (N, D)
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        samples = self.generate(trainer, pl_module, self.num_samples, self.num_samples).flatten(start_dim=1)  # (N, D)
         local = mode_coverage(samples, torch.as_tensor(self.centers), float(self.std), self.min_fraction, self.num_std)
         counts = pl_module.all_gather(local.counts.to(pl_module.device))  # (K,), or (world, K) under DDP
         if counts.ndim == 2:

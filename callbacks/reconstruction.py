@@ -11,9 +11,8 @@
   decoded paths drawn over the data.
 
 Both use the same held-out data all run (the first validation batches after the sanity check,
-kept on the CPU), run the module in eval mode without gradients under a fixed seed (a stochastic
-encoder draws the same codes every epoch; the global RNG and every submodule's train/eval flag
-are restored after), and write `<log_dir>/images/<name>_epoch=NNNN.png` on global rank zero,
+kept on the CPU), run the module under `callbacks.base.frozen_eval` (eval mode, no gradients, a
+fixed seed: a stochastic encoder draws the same codes every epoch), and write `<log_dir>/images/<name>_epoch=NNNN.png` on global rank zero,
 also sent to every logger that takes images.
 """
 
@@ -21,8 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,28 +28,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchvision.utils import save_image
 
+from callbacks.base import EvaluationCallback, check_positive, frozen_eval
 from callbacks.images import figure_image, image_grid, log_image, new_figure, output_dir
-from callbacks.protocol import require_methods
-
-
-@contextmanager
-def frozen_eval(module: torch.nn.Module, seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Inside the block: eval mode, no gradients, the CPU (and a CUDA `device`'s) RNG seeded with
-    `seed`. After it: each submodule's own train/eval flag and those RNG states as before."""
-    modes = [(m, m.training) for m in module.modules()]  # per submodule: some may be frozen in eval
-    device = torch.device(device)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.random.default_generator.manual_seed(seed)
-        for d in devices:  # only the forked device: other GPUs' states are not restored by fork_rng
-            with torch.cuda.device(d):
-                torch.cuda.manual_seed(seed)
-        module.eval()
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
 
 
 def interpolate_codes(z_a: Tensor, z_b: Tensor, steps: int) -> Tensor:
@@ -105,15 +83,12 @@ def interpolation_figure(data: Tensor, paths: Tensor, title: str) -> Any:
     return fig
 
 
-def _batch_tensor(batch: Any) -> Tensor:
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if not isinstance(x, Tensor) or x.ndim not in (2, 4) or (x.ndim == 2 and x.shape[1] < 2):
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+def _check_batch(x: Tensor) -> None:
+    if x.ndim not in (2, 4) or (x.ndim == 2 and x.shape[1] < 2):
         raise ValueError(
             "Reconstruction and interpolation pictures need validation batches of images (B, C, H, W) "
-            f"or points (B, D) with D >= 2 (or a tuple/list whose first element is one); got {got}."
+            f"or points (B, D) with D >= 2 (or a tuple/list whose first element is one); got {tuple(x.shape)}."
         )
-    return x
 
 
 def _codes(codes: Any, module: L.LightningModule) -> Tensor:
@@ -125,52 +100,26 @@ def _codes(codes: Any, module: L.LightningModule) -> Tensor:
     return codes
 
 
-class _EncodeDecodeCallback(L.Callback):
-    """What both callbacks share: the protocol, the schedule, the fixed held-out data, the output."""
+class _EncodeDecodeCallback(EvaluationCallback):
+    """What both callbacks share: the protocol, the fixed held-out data, the output."""
 
     name = ""  # file stem and logger key
+    required = ("encode", "decode")
 
     def __init__(self, num_images: int, num_points: int, every_n_epochs: int, value_range: Any, seed: int) -> None:
-        for arg, value in [("every_n_epochs", every_n_epochs), ("num_images", num_images)]:
-            if value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value}")
+        super().__init__(every_n_epochs, seed)
+        check_positive(num_images=num_images)
         if value_range is not None and (len(value_range) != 2 or not value_range[0] < value_range[1]):
             raise ValueError(f"value_range must be None (min-max scaling) or (low, high) with low < high, got {value_range}")
-        self.every_n_epochs = every_n_epochs
         self.value_range = None if value_range is None else (float(value_range[0]), float(value_range[1]))
-        self.seed = seed
         self._capacity = {4: num_images, 2: num_points}  # by batch ndim: images or points
-        self._held_out: list[Tensor] = []
-        self._fixed = False  # held-out data complete: the same for the rest of the run
         self.last_path: str | None = None
 
-    @property
-    def held_out(self) -> Tensor | None:
-        """The fixed held-out data, (N, C, H, W) or (N, D), on the CPU; None before any validation."""
-        return torch.cat(self._held_out) if self._held_out else None
+    def held_out_capacity(self, x: Tensor, trainer: L.Trainer) -> int:
+        _check_batch(x)
+        return self._capacity[x.ndim]
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        require_methods(pl_module, self, ["encode", "decode"])
-
-    def _due(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if trainer.sanity_checking or self._fixed or dataloader_idx != 0:
-            return
-        x = _batch_tensor(batch)
-        wanted = self._capacity[x.ndim] - sum(len(h) for h in self._held_out)
-        if wanted > 0:
-            self._held_out.append(x[:wanted].detach().cpu())
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._fixed = self._fixed or bool(self._held_out)
-        if not self._due(trainer):
-            return
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         folder = output_dir(trainer, "images")  # on every rank: trainer.log_dir broadcasts
         x = self.held_out
         if x is None:

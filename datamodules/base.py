@@ -12,7 +12,7 @@ Every batch is a tuple ``(x, y)``: ``x`` float32 of shape ``(B, *dims)``, ``y`` 
 
 Datasets that live on disk describe their files (``dataset_folder``, ``expected_files``) and how
 to fetch them (``_download``); the base class turns a missing folder or a failed download into an
-error that names the absolute folder and the fix (SPEC 7 and 9). Those checks run in
+error that names the absolute folder and the fix. Those checks run in
 ``prepare_data`` / ``setup``, never in ``__init__``, so ``--help`` and ``--print_config`` work
 without the data.
 """
@@ -128,7 +128,8 @@ class BaseDataModule(L.LightningDataModule):
         val_fraction: share of the training data held out for validation, in [0, 1).
         seed: seeds the train/val/test split and the training shuffle.
 
-    Subclasses set ``dims``, ``num_classes`` and ``data_range`` in ``__init__`` and implement
+    Subclasses set ``dims``, ``num_classes`` and ``data_range`` (as class attributes when they are
+    fixed, else in ``__init__``) and implement
     ``_load_splits``; on-disk datasets also override ``dataset_folder``, ``expected_files`` and
     ``_download``.
     """
@@ -155,12 +156,10 @@ class BaseDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         check_fraction("val_fraction", val_fraction)
-        self.data_dir = data_dir
-        self.download = download
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.val_fraction = val_fraction
-        self.seed = seed
+        self.data_dir, self.download, self.seed = data_dir, download, seed
+        self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
+        if "__init__" not in type(self).__dict__:  # subclasses with arguments of their own save them
+            self.save_hyperparameters()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None

@@ -1,4 +1,4 @@
-"""scikit-learn's handwritten digits: the embedded, offline image dataset (SPEC 7).
+"""scikit-learn's handwritten digits: the embedded, offline image dataset.
 
 1797 real 8x8 grey images of the digits 0-9 with integer pixel values 0..16, shipped inside
 scikit-learn (``sklearn.datasets.load_digits``), so nothing is downloaded. They are scaled to

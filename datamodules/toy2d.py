@@ -1,4 +1,4 @@
-"""2-D Gaussian mixtures for toy studies of mode coverage (SPEC 7).
+"""2-D Gaussian mixtures for toy studies of mode coverage.
 
 Two layouts of K equal-weight isotropic Gaussians with standard deviation ``std``:
 

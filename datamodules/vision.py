@@ -1,4 +1,4 @@
-"""Real image datasets on disk: MNIST, Fashion-MNIST, CIFAR-10 and CelebA (SPEC 7).
+"""Real image datasets on disk: MNIST, Fashion-MNIST, CIFAR-10 and CelebA.
 
 MNIST, Fashion-MNIST and CIFAR-10 are read by torchvision's own dataset classes, so the files
 are the official ones, in the official layout under ``data_dir``:
@@ -38,19 +38,8 @@ class _MNISTLike(BaseDataModule):
     expected_files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                       "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 100,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data_dir, download, batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters()
-        self.dims = (1, 28, 28)
-        self.num_classes = 10
+    dims = (1, 28, 28)
+    num_classes = 10
 
     @property
     def dataset_folder(self) -> Path:
@@ -107,19 +96,8 @@ class CIFAR10DataModule(BaseDataModule):
     name = "CIFAR-10"
     expected_files = tuple(f"data_batch_{k}" for k in range(1, 6)) + ("test_batch", "batches.meta")
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        batch_size: int = 100,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(data_dir, download, batch_size, num_workers, val_fraction, seed)
-        self.save_hyperparameters()
-        self.dims = (3, 32, 32)
-        self.num_classes = 10
+    dims = (3, 32, 32)
+    num_classes = 10
 
     @property
     def dataset_folder(self) -> Path:

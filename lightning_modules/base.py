@@ -1,15 +1,14 @@
-"""What every generative model of the project shares: shapes, the latent prior, `sample`.
+"""What every generative model of the project shares: shapes, the latent prior, `sample`, the
+adversary's update loop, and the hooks that keep a run safe (`reliability.py`, `rng.py`).
 
 Subclasses build `self.decoder` (the generator G: Z -> X) in their `__init__`. Callbacks rely
 only on `sample(num_samples)` (and `encode` / `decode` where a model has an encoder), so any
 LightningModule with those methods works with them.
 
-Reliability (SPEC sections 8 and 9), shared by the models:
 - `check_finite(name, loss)` before every optimiser step: a NaN or infinite loss stops training
   (`NonFiniteError`, naming the step and the loss) before any weight changes, so the last
   checkpoint on disk is the last good one; critic steps may be skipped instead
-  (`skip_nonfinite_critic_steps` on the adversarial models). A checkpoint is never written with
-  non-finite weights. Under DDP the ranks take each decision together (one all-reduce).
+  (`skip_nonfinite_critic_steps`). Under DDP the ranks take each decision together.
 - Under DDP every process starts from the same seed, so rank r > 0 reseeds torch at `setup`:
   ranks draw different latent codes (rank 0 keeps a one-process run's stream); evaluation starts
   from rank 0's batch-norm statistics on every rank (the model rank 0 checkpoints).
@@ -18,79 +17,25 @@ Reliability (SPEC sections 8 and 9), shared by the models:
 
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
-import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_modules.losses import check_prior_name, sample_prior
 from lightning_modules.networks import check_data_shape, is_image_shape
+from lightning_modules.reliability import NonFiniteError, check_checkpoint_fits, check_finite_weights, nonfinite_message
+from lightning_modules.rng import collect_rng_states, seed_rank, set_rng_states
+from maths.layers import eval_mode
+from maths.priors import check_prior_name, sample_prior
 
-
-def collect_rng_states() -> dict[str, Any]:
-    """The torch, CUDA, numpy and Python random states, as types that `torch.load(weights_only=True)`
-    accepts (tensors, ints, lists), so that checkpoints stay loadable without trusting pickles."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(internal), gauss_next],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of `collect_rng_states`."""
-    torch.set_rng_state(states["torch"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class NonFiniteError(FloatingPointError):
-    """A training loss (or a weight about to be checkpointed) is NaN or infinite (SPEC 9)."""
-
-
-def seed_rank(rank: int) -> None:
-    """Give DDP rank `rank` its own torch random stream (CPU and CUDA).
-
-    Every process of a DDP run is seeded alike (`seed_everything`), so without this all ranks
-    draw the same latent codes and the extra processes add no new samples. Rank 0 keeps its
-    stream (the one a one-process run draws); rank r > 0 reseeds with s + r, s drawn from the
-    common stream, so the streams are distinct and still a function of the run's seed.
-    """
-    if rank > 0:
-        base = int(torch.randint(0, 2**62, (1,)))  # (1,): the same value on every rank
-        torch.manual_seed(base + rank)
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """`module` in eval mode inside the block; afterwards every submodule gets its own previous
-    mode back (a submodule kept in eval mode on purpose stays so)."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+Values = dict[str, Tensor]
 
 
 class GenerativeModule(L.LightningModule):
-    """Base class: data_shape, latent_dim, prior, `decode`, `sample`, batch checks."""
+    """Base class: data_shape, latent_dim, prior, `decode`, `sample`, batch checks, adversary steps."""
 
-    decoder: torch.nn.Module
+    decoder: nn.Module
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int, prior: str) -> None:
         super().__init__()
@@ -105,9 +50,8 @@ class GenerativeModule(L.LightningModule):
         self._rng_states_to_restore: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
-        # Denormal floats (below 1.2e-38) in early convolution gradients slowed CPU training of the
-        # digits WAE 20x (11.2 s vs 0.54 s for 3 epochs); flushing them to zero changes no result
-        # at float32 precision. The setting is process-wide; it has no effect on GPUs.
+        # Denormal floats in early convolution gradients slow CPU training by an order of magnitude;
+        # flushing them to zero changes no result at float32 precision. Process-wide; no effect on GPUs.
         torch.set_flush_denormal(True)
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
@@ -119,9 +63,12 @@ class GenerativeModule(L.LightningModule):
             return "tanh" if is_image_shape(self.data_shape) else "none"
         return output_activation
 
+    # ---- sampling -----------------------------------------------------------------------------
+
     def sample_latent(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
-        """Latent codes from the prior P_Z on the module's device and in its dtype. -> (num_samples, latent_dim)."""
-        z = sample_prior(self.prior, num_samples, self.latent_dim, generator=generator)
+        """Latent codes from the prior P_Z, drawn on the module's device in its dtype. -> (num_samples, latent_dim)."""
+        device = generator.device if generator is not None else self.device
+        z = sample_prior(self.prior, num_samples, self.latent_dim, generator=generator, device=device)
         return z.to(device=self.device, dtype=self.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -153,7 +100,28 @@ class GenerativeModule(L.LightningModule):
             )
         return x
 
-    # ---- reliability: non-finite losses, checkpoints, random states --------------------------
+    # ---- training -----------------------------------------------------------------------------
+
+    def adversary_steps(
+        self, optimizer: Any, step_loss: Callable[[], tuple[Tensor, Values]], steps: int, name: str
+    ) -> tuple[Values, int]:
+        """`steps` updates of an adversary (a critic) with `optimizer`, each descending the loss of
+        `step_loss()` -> (loss, values to log). A non-finite loss stops training, or skips the step
+        when `skip_nonfinite_critic_steps` is set. Returns (the values of the last step taken, the
+        number of steps skipped). Only the adversary's parameters take gradients meanwhile."""
+        values, skipped = {}, 0
+        self.toggle_optimizer(optimizer)
+        for _ in range(steps):
+            loss, step_values = step_loss()
+            if not self.check_finite(name, loss, critic=True):
+                skipped += 1  # no backward, no step: the adversary and its optimiser state as they were
+                continue
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            values = step_values
+        self.untoggle_optimizer(optimizer)
+        return values, skipped
 
     def check_finite(self, name: str, loss: Tensor, critic: bool = False) -> bool:
         """Whether `loss` is finite (on every rank); call it before the loss's backward and step.
@@ -161,8 +129,7 @@ class GenerativeModule(L.LightningModule):
         A non-finite loss raises `NonFiniteError` ("step 1234: train/critic_loss is nan ...")
         before any weight changes. A critic loss (`critic=True`) of a module whose hyperparameter
         `skip_nonfinite_critic_steps` is true returns False instead: the caller then skips that
-        step (no backward, no optimiser step, so the optimiser state is untouched) and counts it.
-        Under DDP the ranks agree through one all-reduce, so they all skip or all stop together.
+        step and counts it. Under DDP the ranks agree through one all-reduce.
         """
         finite = bool(torch.isfinite(loss.detach()).all())
         trainer = self._trainer
@@ -171,52 +138,26 @@ class GenerativeModule(L.LightningModule):
         skippable = critic and bool(self.hparams.get("skip_nonfinite_critic_steps", False))
         if finite or skippable:
             return finite
-        raise NonFiniteError(self._nonfinite_message(name, loss, critic))
+        raise NonFiniteError(nonfinite_message(self, name, loss, critic))
 
-    def _nonfinite_message(self, name: str, loss: Tensor, critic: bool) -> str:
-        values = loss.detach().float().flatten()
-        bad = values[~torch.isfinite(values)]
-        what = f"is {bad[0].item()}" if bad.numel() else "is not finite on another process"
-        trainer = self._trainer
-        saved = []
-        for callback in getattr(trainer, "checkpoint_callbacks", []) if trainer is not None else []:
-            path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-            if path:
-                saved.append(path)
-        kept = (
-            f"the last checkpoint, written before this step, is kept: {saved[0]} (resume with --ckpt_path)"
-            if saved
-            else "no checkpoint had been written yet in this run"
-        )
-        skip = (
-            ", or set skip_nonfinite_critic_steps: true to skip isolated non-finite critic steps"
-            if critic and "skip_nonfinite_critic_steps" in self.hparams
-            else ""
-        )
-        epoch = f" (epoch {trainer.current_epoch})" if trainer is not None else ""
-        return (
-            f"step {self.global_step}: {name} {what}{epoch}. Training stopped before this step changed any "
-            f"weight; {kept}. Fixes: lower the learning rates, check the data for NaN or infinite values, "
-            f"keep the critic Lipschitz (spectral_norm or gradient_penalty){skip}."
-        )
+    def log_skipped_critic_steps(self, count: int) -> None:
+        """Log `train/skipped_critic_steps` (summed over the epoch) when skipping is enabled.
+        Every rank skips the same steps (`check_finite` agrees across ranks), so no sync is needed."""
+        if self.hparams.get("skip_nonfinite_critic_steps", False):
+            self.log("train/skipped_critic_steps", float(count), on_step=False, on_epoch=True, reduce_fx="sum")
+
+    # ---- checkpoints, random states, DDP buffers -----------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to write non-finite weights (the previous checkpoint stays the last good one), and
-        store the random states (torch, CUDA, numpy, Python) with the weights: the models draw
-        latent codes from them, so a resumed run needs them to replay an uninterrupted one."""
-        bad = [
-            name
-            for name, value in checkpoint.get("state_dict", {}).items()
-            if torch.is_floating_point(value) and not bool(torch.isfinite(value).all())
-        ]
-        if bad:
-            raise NonFiniteError(
-                f"step {self.global_step}: not writing a checkpoint, the weights {', '.join(bad[:3])}"
-                f"{' and others' if len(bad) > 3 else ''} are not finite; earlier checkpoints are kept. Lower "
-                "the learning rates or check the data for NaN or infinite values, then resume from the last good one."
-            )
+        """Refuse to write non-finite weights, and store the random states with the weights: the
+        models draw latent codes from them, so a resumed run needs them to replay an uninterrupted one."""
+        check_finite_weights(checkpoint, self.global_step)
         # Only rank 0's states reach the file; a resumed DDP run reseeds ranks r > 0 from them.
         checkpoint["rng_states"] = collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)
+        self._rng_states_to_restore = checkpoint.get("rng_states")
 
     def on_train_epoch_start(self) -> None:
         # Restored here, not at load time: the sanity-check validation of a resumed fit draws
@@ -246,36 +187,3 @@ class GenerativeModule(L.LightningModule):
             return
         for buffer in self.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
-
-    def log_skipped_critic_steps(self, count: int) -> None:
-        """Log `train/skipped_critic_steps` (summed over the epoch) when skipping is enabled.
-        Every rank skips the same steps (`check_finite` agrees across ranks), so no sync is needed."""
-        if self.hparams.get("skip_nonfinite_critic_steps", False):
-            self.log("train/skipped_critic_steps", float(count), on_step=False, on_epoch=True, reduce_fx="sum")
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse weights whose shapes do not fit this model (another latent_dim, data shape or
-        width), with the model's sizes in the message instead of torch's per-layer error."""
-        own = self.state_dict()
-        trained = checkpoint.get("hyper_parameters") or {}
-        # The trained sizes first: another data shape can change the layers' names (MLP vs. conv),
-        # which no shape comparison sees and torch reports as lists of missing and unknown keys.
-        mismatched = [
-            f"{key}={tuple(trained[key]) if key == 'data_shape' else trained[key]} in the checkpoint"
-            for key in ("data_shape", "latent_dim")
-            if key in trained and (tuple(int(s) for s in trained[key]) if key == "data_shape" else trained[key])
-            != getattr(self, key)
-        ]
-        mismatched += [
-            f"{name}: {tuple(value.shape)} in the checkpoint, {tuple(own[name].shape)} here"
-            for name, value in checkpoint.get("state_dict", {}).items()
-            if name in own and tuple(value.shape) != tuple(own[name].shape)
-        ]
-        if mismatched:
-            raise ValueError(
-                f"The checkpoint's weights do not fit this {type(self).__name__}, built with "
-                f"latent_dim={self.latent_dim} and data_shape={self.data_shape}: "
-                f"{'; '.join(mismatched[:3])}. Load it with the data (datamodule) and the hyperparameters "
-                "it was trained with (do not override latent_dim, data_shape or widths), or train a new model."
-            )
-        self._rng_states_to_restore = checkpoint.get("rng_states")

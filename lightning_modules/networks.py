@@ -1,4 +1,4 @@
-"""Encoder, decoder and critic builders shared by every model (SPEC section 2).
+"""Encoder, decoder and critic builders shared by every model (docs/theory.md section 1).
 
 Data of shape (D,) (2-D toy points, flat vectors) get MLPs; images of shape (C, H, W) get
 DCGAN-style convolutional networks (Radford et al. 2016): stride-2 4x4 convolutions that halve
@@ -10,15 +10,17 @@ and break its Lipschitz certificate). The number of halvings is read off the ima
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from lightning_modules.spectral_norm import conv_operator_spectral_norm
+from maths.choices import check_choice
+from maths.layers import MaxMin, Squeeze, conv_operator_spectral_norm
 
-OUTPUT_ACTIVATIONS: tuple[str, ...] = ("tanh", "none")
+OutputActivation = Literal["auto", "tanh", "none"]  # "auto": tanh for images, none for vectors
+OUTPUT_ACTIVATIONS: tuple[str, ...] = get_args(OutputActivation)[1:]  # what a decoder is built with
 
 
 def check_data_shape(data_shape: Sequence[int]) -> tuple[int, ...]:
@@ -50,32 +52,14 @@ def _maybe_sn(layer: nn.Module, spectral_norm: bool) -> nn.Module:
     return _spectral_norm(layer) if spectral_norm else layer
 
 
-class MaxMin(nn.Module):
-    """GroupSort with groups of two (Anil, Lucas and Grosse, ICML 2019): the features (dim 1) are
-    split into halves a and b, and (max(a, b), min(a, b)) is returned, (B, 2k, ...) -> (B, 2k, ...).
-
-    Sorting each pair is 1-Lipschitz in l2, and its Jacobian is a permutation, so it keeps the norm
-    of gradients where ReLU-type activations shrink them. Under a per-layer norm constraint that
-    is what lets a critic reach the best 1-Lipschitz function (SPEC 4's H_c): measured on a ring
-    of 8 Gaussians, a spectrally normalised MaxMin MLP reached 0.95-0.99 of W_1 and a LeakyReLU
-    one 0.54-0.57.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[1] % 2:
-            raise ValueError(f"MaxMin pairs up features along dim 1, which needs an even size; got {tuple(x.shape)}.")
-        a, b = x.chunk(2, dim=1)
-        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
-
-
-ACTIVATIONS = ("relu", "leaky_relu", "maxmin")
-CRITIC_ACTIVATIONS = ("leaky_relu", "maxmin")
+CriticActivation = Literal["leaky_relu", "maxmin"]
+CRITIC_ACTIVATIONS: tuple[str, ...] = get_args(CriticActivation)
+ACTIVATIONS: tuple[str, ...] = ("relu", *CRITIC_ACTIVATIONS)
 
 
 def build_activation(name: str) -> nn.Module:
-    """"relu", "leaky_relu" (slope 0.2) or "maxmin" (`MaxMin`); all 1-Lipschitz."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}. Known: {', '.join(ACTIVATIONS)}.")
+    """"relu", "leaky_relu" (slope 0.2) or "maxmin" (`maths.layers.MaxMin`); all 1-Lipschitz."""
+    check_choice("activation", name, ACTIVATIONS)
     return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "maxmin": MaxMin}[name]()
 
 
@@ -219,23 +203,13 @@ def build_decoder(
     """Decoder / generator (B, latent_dim) -> (B, *data_shape); `output_activation` "tanh" for
     data in [-1, 1], "none" for unbounded data. Default channels mirror the encoder's."""
     shape = check_data_shape(data_shape)
-    if output_activation not in OUTPUT_ACTIVATIONS:
-        raise ValueError(
-            f"Unknown output activation {output_activation!r}. Known: {', '.join(OUTPUT_ACTIVATIONS)}."
-        )
+    check_choice("output activation", output_activation, OUTPUT_ACTIVATIONS)
     if not is_image_shape(shape):
         return MLPDecoder(shape[0], latent_dim, [width] * 3, output_activation)
     if channels is None:
         halvings = conv_plan(shape[1], shape[2])[0]
         channels = [width * 2**i for i in reversed(range(halvings + 1))]
     return ConvDecoder(shape, latent_dim, channels, output_activation)
-
-
-class Squeeze(nn.Module):
-    """(B, 1) -> (B,)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.squeeze(-1)
 
 
 def build_critic(
@@ -247,7 +221,7 @@ def build_critic(
     activation: str = "leaky_relu",
 ) -> nn.Module:
     """Critic (B, *data_shape) -> (B,) with a 1-Lipschitz `activation` ("leaky_relu", slope 0.2,
-    or "maxmin", see `MaxMin`; widths and channels must then be even) and no batch norm.
+    or "maxmin", see `maths.layers.MaxMin`; widths and channels must then be even) and no batch norm.
 
     Flat data get an MLP of `depth` hidden layers of `width`; images a convolutional critic.
     `spectral_norm` divides every layer by its operator norm: torch's spectral normalisation for
@@ -255,8 +229,7 @@ def build_critic(
     reshaped kernel, which does not bound the convolution operator).
     """
     shape = check_data_shape(data_shape)
-    if activation not in CRITIC_ACTIVATIONS:
-        raise ValueError(f"Unknown critic activation {activation!r}. Known: {', '.join(CRITIC_ACTIVATIONS)}.")
+    check_choice("critic activation", activation, CRITIC_ACTIVATIONS)
     sizes = [width] if not is_image_shape(shape) else list(channels or default_channels(shape, width))
     if activation == "maxmin" and any(size % 2 for size in sizes):
         raise ValueError(f"critic_activation='maxmin' sorts pairs of features, so critic widths and channels must be "

@@ -1,91 +1,75 @@
-"""The hybrid primal-dual model: an f-WAE and a Lipschitz f-GAN trained together (SPEC section 4).
+"""The hybrid primal-dual model: an f-WAE and a Lipschitz f-GAN trained together (docs/theory.md 3.4, 4).
 
 With c a metric, H_c its 1-Lipschitz functions and lambda > 0 (Husain, Nock, Williamson 2019):
 
     dual    GAN_{lambda f}(P_X, G; H_c) = sup_{h in H_c} E_{P_X}[h] - E_{P_G}[(lambda f)*(h)]
          <= fWAE_{c,lambda}(P_X, G)     = inf_E  E_{P_X}[c(x, G(E(x)))] + lambda D_f(Q_Z || P_Z)   primal
-         <= W_c(P_X, P_G),
+         <= W_c(P_X, P_G).
 
-with equality in the first line when G is injective and the encoder class is rich. The model
-holds four networks: the generator / decoder G, the encoder E, a Lipschitz data critic h (layers
+Four networks: the generator / decoder G, the encoder E, a Lipschitz data critic h (layers
 divided by their operator norms by default) and a latent critic T for D_f(Q_Z || P_Z):
 
-- T ascends the variational estimate E_{Q_Z}[g_f(T)] - E_{P_Z}[f*(g_f(T))] of D_f(Q_Z || P_Z);
+- T ascends its variational estimate of D_f(Q_Z || P_Z);
 - h = lambda g_f(v / lambda) ascends the dual value E_{P_X}[h] - E_{P_G}[(lambda f)*(h)];
-- E descends the primal loss  E c(x, G(E(x))) + lambda * (T's estimate)  (the primal is an inf over E);
-  with `training_estimator="monte_carlo"` (Gaussian encoder) the critic-free estimate for the batch's
-  Gaussian mixture replaces T's in this loss;
-- G descends  alpha * primal + (1 - alpha) * (generator side of the dual), the latter
-  -E_{P_G}[(lambda f)*(h)] (`saturating`, the dual value's G-dependent term) or -E_{P_G}[h]
-  (`non_saturating`). alpha = 1 is the f-WAE (`WAE(latent_penalty="f")`), alpha = 0 the Lipschitz
-  f-GAN (`FGAN(lipschitz="spectral_norm", lambda_scale=lambda_)`): same losses, same gradients.
+- E descends the primal loss E c(x, G(E(x))) + lambda * (T's estimate), or with
+  `training_estimator="monte_carlo"` (Gaussian encoder) the critic-free estimate for the batch's
+  Gaussian mixture in place of T's;
+- G descends alpha * primal + (1 - alpha) * (generator side of the dual). alpha = 1 is the f-WAE
+  (`WAE(latent_penalty="f")`), alpha = 0 the Lipschitz f-GAN (`FGAN(lipschitz="spectral_norm",
+  lambda_scale=lambda_)`): same losses, same gradients.
 
-Logged at every validation epoch (`primal_dual_evaluation.py`), all from epoch aggregates (sums over the epoch and over ranks,
-then means), so `val/gap` is exactly `val/primal - val/dual`:
-- `val/recon`: E c(x, G(E(x))) (one encoder draw per sample for a Gaussian encoder);
-- `val/latent_divergence_critic`: T's variational estimate of D_f(Q_Z || P_Z), a lower estimate,
-  or f(1) (the constant critic's value, D_f's minimum) when T does worse;
-- `val/latent_divergence_mc` (+ `_std_error`), Gaussian encoder and prior only: the critic-free
-  Monte Carlo estimate of D_f between the mixture of all validation codes and P_Z
-  (`latent_divergence.monte_carlo_divergence`, balanced proposal, `mc_samples` draws), unbiased for
-  that mixture, an upward-biased estimate for the population Q_Z (much larger than T's when the
-  encoder's variances are small: the mixture of N narrow Gaussians is spiky);
+Logged at every validation epoch, from exact epoch aggregates over batches and ranks
+(`evaluation.PrimalDualEvaluation`):
+- `val/recon`; `val/latent_divergence_critic` (T's lower estimate, floored at f(1));
+- `val/latent_divergence_mc` (+ `_std_error`), Gaussian encoder and prior only: the critic-free Monte
+  Carlo D_f of the mixture of all validation codes (docs/theory.md 4.5);
 - `val/primal = val/recon + lambda * D_f estimate`, the estimate chosen by `primal_estimator`
-  ("critic" or "monte_carlo"; announced once in the log at the start). It is an estimate, never a
-  certified bound;
-- `val/dual`: E_{P_X}[h] - E_{P_G}[(lambda f)*(h)] on held-out data and fresh samples;
-- `val/gap = val/primal - val/dual`, >= 0 up to estimation error;
-- `val/lipschitz_bound`: the certified bound on Lip(h) (operator norms, `lipschitz.py`);
-- `val/dual_certified`: 1 when the dual value is a certified lower bound (g_f 1-Lipschitz, bound
-  <= 1, c a metric), else 0;
-- `val/dual_lower_bound` (1-Lipschitz g_f only): the dual value of v / max(1, Lip(v)), which is in
-  H_c, so certified whatever the bound.
+  (announced once in the log). An estimate, never a certified bound;
+- `val/dual` on held-out data and fresh samples; `val/gap = val/primal - val/dual`;
+- `val/lipschitz_bound` (certified bound on Lip(h)), `val/dual_certified` (1 when the dual value is a
+  certified lower bound), `val/dual_lower_bound` (the certified dual value, docs/theory.md 4.4).
 
-The dual value certifies a lower bound on the primal only for a metric cost (`l2`, the default;
-for `l1`, H_{l2} is inside H_{l1}, so it still holds); `l2sq` is allowed but not covered.
-With a deterministic encoder on a finite sample Q_Z is discrete and D_f(Q_Z || P_Z) is infinite
-for unbounded f (kl and others): T's estimate keeps growing with its capacity (SPEC section 4).
+The dual value bounds the primal only for a metric cost (`l2`, the default; `l1` too, since H_{l2}
+is inside H_{l1}); `l2sq` is allowed but not covered. With a deterministic encoder on a finite
+sample Q_Z is discrete and D_f(Q_Z || P_Z) is infinite for unbounded f (docs/theory.md 4.2).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_modules.base import GenerativeModule
-from lightning_modules.divergences import get_divergence
-from lightning_modules.latent_divergence import (
-    batch_monte_carlo_divergence,
-    check_monte_carlo_prior,
-    gaussian_code_parameters,
-    reparameterize,
+from lightning_modules.autoencoder import Autoencoder
+from lightning_modules.critic import Critic
+from lightning_modules.evaluation import PrimalDualEvaluation
+from lightning_modules.networks import CriticActivation, OutputActivation, build_critic
+from maths.choices import check_choice
+from maths.divergences import get_divergence
+from maths.dual import (
+    GENERATOR_LOSSES, LIPSCHITZ_METHODS, GeneratorLoss, LipschitzMethod, dual_terms, f_at_one, is_dual_certified,
 )
-from lightning_modules.lipschitz_critic import LipschitzCriticMixin
-from lightning_modules.losses import CostName, PriorName, check_choice, check_cost_name
-from lightning_modules.losses import cost as pointwise_cost
-from lightning_modules.networks import build_critic, build_decoder, build_encoder
-from lightning_modules.primal_dual_evaluation import PrimalDualEvaluationMixin
+from maths.gaussian_codes import EncoderType, batch_monte_carlo_divergence, check_monte_carlo_prior, monte_carlo_divergence
+from maths.layers import eval_mode
+from maths.priors import PriorName
+from transport.costs import METRIC_COSTS, CostName, cost
 
-ENCODER_TYPES = ("deterministic", "gaussian")
-PRIMAL_ESTIMATORS = ("critic", "monte_carlo")
-GENERATOR_LOSSES = ("saturating", "non_saturating")
-LIPSCHITZ_CHOICES = ("spectral_norm", "gradient_penalty", "none")
-METRIC_COSTS = ("l2", "l1")  # costs for which the theorem applies with an l2-Lipschitz critic
+Estimator = Literal["critic", "monte_carlo"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+MC_SEED = 0  # the Monte Carlo draws are the same every epoch: epochs differ by the model only
 
 
-class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModule):
+class PrimalDual(Autoencoder):
     """Generator, encoder, Lipschitz data critic and latent critic: the f-WAE and the Lipschitz f-GAN
     as one model, with the duality gap between them logged at every validation.
 
     Args:
         data_shape: shape of one sample, (C, H, W) or (D,); the CLI links it from the datamodule.
         latent_dim: d_z.
-        divergence: registry row f (kl, reverse_kl, pearson, neyman, hellinger, jensen_shannon, gan,
-            total_variation); the latent penalty is D_f, the dual uses lambda f.
+        divergence: registry row f; the latent penalty is D_f, the dual uses lambda f.
         lambda_: lambda > 0: weight of D_f in the primal, scale of f in the dual.
         alpha: in [0, 1]; generator loss alpha * primal + (1 - alpha) * (dual generator loss).
         cost: c, "l2" (a metric: the theorem's setting), "l1" or "l2sq" (not covered), summed over pixels.
@@ -93,28 +77,26 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
         encoder_type: "deterministic" or "gaussian" (reparameterised N(mu(x), diag sigma^2(x))).
         primal_estimator: D_f estimate in `val/primal`: "critic" (latent critic, any encoder) or
             "monte_carlo" (critic-free, needs encoder_type="gaussian" and prior="gaussian").
-        training_estimator: D_f estimate in the primal loss that E (and G) descend: "critic" (the
-            latent critic's variational estimate, as the f-WAE) or "monte_carlo" (the differentiable
-            critic-free estimate for the batch's Gaussian mixture, `batch_monte_carlo_divergence`: no
-            adversary, and not a lower estimate that the encoder can exploit; needs encoder_type=
-            "gaussian" and prior="gaussian"). T is trained either way, for val/latent_divergence_critic.
-        generator_loss: dual side of the generator loss, "saturating" (descend -E (lambda f)*(h)) or
-            "non_saturating" (descend -E h), as in the FGAN.
+        training_estimator: D_f estimate in the primal loss that E (and G) descend: "critic" or
+            "monte_carlo" (the differentiable critic-free estimate for the batch's Gaussian mixture:
+            no adversary to exploit). T is trained either way, for val/latent_divergence_critic.
+        generator_loss: dual side of the generator loss, "saturating" or "non_saturating".
         lipschitz: data critic class: "spectral_norm" (operator norms), "gradient_penalty"
             (weight `gp_weight`) or "none"; the certificate is computed in every case.
         n_critic: steps of each critic per generator step.
         width, encoder_channels, decoder_channels: encoder / decoder size (as the WAE).
-        critic_width, critic_channels, critic_depth, critic_activation: data critic (as the FGAN;
-            "maxmin" brings the spectrally normalised critic, and so the dual, much closer to W_c).
+        critic_width, critic_channels, critic_depth, critic_activation: data critic (as the FGAN).
         latent_critic_width, latent_critic_depth: latent critic MLP.
-        mc_samples: draws of the Monte Carlo estimate, half from P_Z and half from the codes' mixture
-            (Gaussian encoder and prior only).
+        mc_samples: draws of the Monte Carlo estimate (Gaussian encoder and prior only).
         lr: Adam learning rate of the encoder and generator; critic_lr: data critic;
             latent_critic_lr: latent critic. betas: Adam betas of all three.
         output_activation: "auto" (tanh for images in [-1, 1], none for vectors), "tanh", "none".
-        skip_nonfinite_critic_steps: skip a critic step (latent or data critic) whose loss is NaN or
-            infinite (no update, optimiser state untouched; counted in `train/skipped_critic_steps`)
-            instead of stopping. A non-finite encoder / generator loss always stops training.
+        skip_nonfinite_critic_steps: skip a critic step whose loss is NaN or infinite (counted in
+            `train/skipped_critic_steps`) instead of stopping.
+        encoder, decoder, critic, latent_critic: networks to use instead of the builders' (encoder
+            (B, *data_shape) -> (B, d_z), or 2 d_z for a Gaussian encoder; decoder (B, d_z) ->
+            (B, *data_shape); critics -> (B,)). Not saved as hyperparameters: pass them again to
+            `load_from_checkpoint`.
     """
 
     def __init__(
@@ -126,11 +108,11 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
         alpha: float = 0.5,
         cost: CostName = "l2",
         prior: PriorName = "gaussian",
-        encoder_type: Literal["deterministic", "gaussian"] = "deterministic",
-        primal_estimator: Literal["critic", "monte_carlo"] = "critic",
-        training_estimator: Literal["critic", "monte_carlo"] = "critic",
-        generator_loss: Literal["saturating", "non_saturating"] = "saturating",
-        lipschitz: Literal["spectral_norm", "gradient_penalty", "none"] = "spectral_norm",
+        encoder_type: EncoderType = "deterministic",
+        primal_estimator: Estimator = "critic",
+        training_estimator: Estimator = "critic",
+        generator_loss: GeneratorLoss = "saturating",
+        lipschitz: LipschitzMethod = "spectral_norm",
         gp_weight: float = 10.0,
         n_critic: int = 1,
         width: int = 64,
@@ -139,7 +121,7 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
         critic_width: int = 64,
         critic_channels: list[int] | None = None,
         critic_depth: int = 3,
-        critic_activation: Literal["leaky_relu", "maxmin"] = "leaky_relu",
+        critic_activation: CriticActivation = "leaky_relu",
         latent_critic_width: int = 256,
         latent_critic_depth: int = 3,
         mc_samples: int = 4096,
@@ -147,17 +129,23 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
         critic_lr: float = 2e-4,
         latent_critic_lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
-        output_activation: Literal["auto", "tanh", "none"] = "auto",
+        output_activation: OutputActivation = "auto",
         skip_nonfinite_critic_steps: bool = False,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        critic: nn.Module | None = None,
+        latent_critic: nn.Module | None = None,
     ) -> None:
-        super().__init__(data_shape, latent_dim, prior)
-        self.save_hyperparameters()
-        check_cost_name(cost)
-        check_choice("encoder_type", encoder_type, ENCODER_TYPES)
-        check_choice("primal_estimator", primal_estimator, PRIMAL_ESTIMATORS)
-        check_choice("training_estimator", training_estimator, PRIMAL_ESTIMATORS)
-        check_choice("generator_loss", generator_loss, GENERATOR_LOSSES)
-        check_choice("lipschitz", lipschitz, LIPSCHITZ_CHOICES)
+        super().__init__(data_shape, latent_dim, prior, cost, encoder_type, width, encoder_channels, decoder_channels,
+                         output_activation, encoder, decoder)
+        self.save_hyperparameters(ignore=["encoder", "decoder", "critic", "latent_critic"])
+        for kind, value, known in (
+            ("primal_estimator", primal_estimator, ESTIMATORS),
+            ("training_estimator", training_estimator, ESTIMATORS),
+            ("generator_loss", generator_loss, GENERATOR_LOSSES),
+            ("lipschitz", lipschitz, LIPSCHITZ_METHODS),
+        ):
+            check_choice(kind, value, known)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(
                 f"alpha must be in [0, 1] (1: the f-WAE, 0: the Lipschitz f-GAN, between: a mixture), got {alpha}."
@@ -176,61 +164,26 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
                         f"Q_Z on a finite sample is discrete, with no density. Use {name}='critic'."
                     )
                 check_monte_carlo_prior(prior)
-        self.latent_divergence = get_divergence(divergence)  # f: D_f(Q_Z || P_Z) in the primal
-        self.data_divergence = get_divergence(divergence, lambda_)  # lambda f: GAN_{lambda f} in the dual
         if cost not in METRIC_COSTS:
             rank_zero_warn(
                 f"PrimalDual with cost={cost!r}: not a metric, so the dual value bounds nothing on the primal "
                 f"side and val/dual_certified stays 0. The theorem needs a metric: {', '.join(METRIC_COSTS)}."
             )
-
-        code_size = latent_dim * (2 if encoder_type == "gaussian" else 1)
-        self.encoder = build_encoder(self.data_shape, code_size, width, encoder_channels)
-        self.decoder = build_decoder(
-            self.data_shape, latent_dim, width, decoder_channels, self.resolve_output_activation(output_activation)
-        )
-        self.critic = build_critic(
+        self.latent_divergence = get_divergence(divergence)  # f: D_f(Q_Z || P_Z) in the primal
+        self.data_divergence = get_divergence(divergence, lambda_)  # lambda f: GAN_{lambda f} in the dual
+        critic = critic if critic is not None else build_critic(
             self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm",
             activation=critic_activation,
         )
-        self.latent_critic = build_critic((latent_dim,), latent_critic_width, depth=latent_critic_depth)
-        self._epoch_bound: float | None = None
-        self._sums: Tensor | None = None
-        self._codes: list[tuple[Tensor, Tensor]] = []
+        self.critic = Critic(critic, self.data_divergence, self.data_shape, gp_weight if lipschitz == "gradient_penalty" else 0.0)
+        if latent_critic is None:
+            latent_critic = build_critic((latent_dim,), latent_critic_width, depth=latent_critic_depth)
+        self.latent_critic = Critic(latent_critic, self.latent_divergence, (latent_dim,))
+        self.evaluation = PrimalDualEvaluation()
+        self._epoch_bound: float | None = None  # the data critic's certified bound, once per evaluation epoch
         self._announced = False
 
-    # ---- encoder ------------------------------------------------------------------------------
-
-    def encode(self, x: Tensor) -> Tensor:
-        """A latent code of each sample: E(x), or a reparameterised draw for a gaussian encoder.
-        (B, *data_shape) -> (B, latent_dim)."""
-        out = self.encoder(x)  # (B, d_z) or (B, 2 d_z)
-        if self.hparams.encoder_type == "deterministic":
-            return out
-        return reparameterize(*gaussian_code_parameters(out))
-
-    def encode_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and clamped log-variance of a gaussian encoder. (B, *data_shape) -> 2 x (B, latent_dim)."""
-        if self.hparams.encoder_type != "gaussian":
-            raise ValueError(
-                "encode_parameters needs encoder_type='gaussian'; a deterministic encoder has no variance."
-            )
-        return gaussian_code_parameters(self.encoder(x))
-
     # ---- the primal side ----------------------------------------------------------------------
-
-    def reconstruction_cost(self, x: Tensor, x_rec: Tensor) -> Tensor:
-        """E c(x, G(E(x))) over the batch."""
-        return pointwise_cost(x, x_rec, self.hparams.cost).mean()
-
-    def latent_divergence_critic(self, z: Tensor, z_prior: Tensor) -> Tensor:
-        """Variational estimate E_{Q_Z}[g_f(T)] - E_{P_Z}[f*(g_f(T))] of D_f(Q_Z || P_Z), from codes
-        z (B, d_z) and prior draws z_prior (B', d_z): a lower estimate for any critic T."""
-        return self.latent_divergence.variational_estimate(self.latent_critic_output(z), self.latent_critic_output(z_prior))
-
-    def latent_critic_output(self, z: Tensor) -> Tensor:
-        """T's network plus the constant v0 with g_f(v0) = f'(1) (1 for kl, else 0). (B, d_z) -> (B,)."""
-        return self.latent_critic(z) + self.latent_divergence.neutral_output
 
     def primal_loss(
         self, x: Tensor, z: Tensor, z_prior: Tensor, code_parameters: tuple[Tensor, Tensor] | None = None
@@ -245,17 +198,8 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
                 raise ValueError("training_estimator='monte_carlo' needs the codes' (mean, log_var) in code_parameters.")
             penalty = batch_monte_carlo_divergence(self.latent_divergence, *code_parameters, z, z_prior)
         else:
-            penalty = self.latent_divergence_critic(z, z_prior)
+            penalty = self.latent_critic.objective(z, z_prior)
         return recon + self.hparams.lambda_ * penalty, recon, penalty
-
-    # ---- the dual side ------------------------------------------------------------------------
-
-    @property
-    def critic_divergence(self):
-        return self.data_divergence  # lambda f
-
-    def _cost_is_metric(self) -> bool:
-        return self.hparams.cost in METRIC_COSTS
 
     def combined_generator_loss(self, primal: Tensor, dual_generator: Tensor | None) -> Tensor:
         """alpha * primal + (1 - alpha) * dual_generator, with the term of weight 0 left out (so
@@ -291,50 +235,30 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
         x = self.batch_data(batch)  # (B, *data_shape)
         batch_size = x.shape[0]
         opt_ae, opt_latent, opt_critic = self.optimizers()
-        code_parameters = None  # (mean, log_var) of a Gaussian encoder, each (B, d_z)
-        if self.hparams.encoder_type == "gaussian":
-            code_parameters = self.encode_parameters(x)
-            z = reparameterize(*code_parameters)  # (B, d_z): the same draw as self.encode(x)
-        else:
-            z = self.encode(x)  # (B, d_z)
-        values, skipped = {}, 0  # critic values of the last step taken; steps skipped (non-finite)
+        z, code_parameters = self.encode_with_parameters(x)  # (B, d_z); (mean, log_var) of a Gaussian encoder
+        hp = self.hparams
 
-        # The latent critic T ascends its estimate of D_f(Q_Z || P_Z) (as the f-WAE's).
-        self.toggle_optimizer(opt_latent)
-        for _ in range(self.hparams.n_critic):
-            latent_objective = self.latent_divergence_critic(z.detach(), self.sample_latent(batch_size).to(z.dtype))
-            if not self.check_finite("train/latent_critic_loss", -latent_objective, critic=True):
-                skipped += 1  # no backward, no step: T and its optimiser state as they were
-                continue
-            opt_latent.zero_grad()
-            self.manual_backward(-latent_objective)
-            opt_latent.step()
-            values["train/latent_critic_objective"] = latent_objective
-        self.untoggle_optimizer(opt_latent)
+        def latent_step() -> tuple[Tensor, dict[str, Tensor]]:  # T ascends its estimate of D_f(Q_Z || P_Z)
+            objective = self.latent_critic.objective(z.detach(), self.sample_latent(batch_size).to(z.dtype))
+            return -objective, {"train/latent_critic_objective": objective}
 
-        # The data critic h ascends the dual value (as the Lipschitz f-GAN's), fresh fakes each step.
-        self.toggle_optimizer(opt_critic)
-        for _ in range(self.hparams.n_critic):
+        def critic_step() -> tuple[Tensor, dict[str, Tensor]]:  # h ascends the dual value, fresh fakes each step
             fake = self.decode(self.sample_latent(batch_size)).detach()
-            critic_loss, dual_objective, grad_norm = self.critic_loss(x, fake)
-            if not self.check_finite("train/critic_loss", critic_loss, critic=True):
-                skipped += 1
-                continue
-            opt_critic.zero_grad()
-            self.manual_backward(critic_loss)
-            opt_critic.step()
-            values.update({"train/critic_objective": dual_objective, "train/critic_loss": critic_loss})
-            if grad_norm is not None:
-                values["train/gradient_norm"] = grad_norm
-        self.untoggle_optimizer(opt_critic)
+            loss, objective, grad_norm = self.critic.loss(x, fake)
+            values = {"train/critic_objective": objective, "train/critic_loss": loss}
+            return loss, values if grad_norm is None else {**values, "train/gradient_norm": grad_norm}
+
+        values, skipped_latent = self.adversary_steps(opt_latent, latent_step, hp.n_critic, "train/latent_critic_loss")
+        critic_values, skipped = self.adversary_steps(opt_critic, critic_step, hp.n_critic, "train/critic_loss")
+        values.update(critic_values)
 
         # E descends the primal; G descends alpha * primal + (1 - alpha) * dual generator loss.
         self.toggle_optimizer(opt_ae)
         primal, recon, penalty = self.primal_loss(x, z, self.sample_latent(batch_size).to(z.dtype), code_parameters)
         self.check_finite("train/primal", primal)
         dual_generator = None
-        if self.hparams.alpha < 1.0:
-            dual_generator = self.dual_generator_loss(self.decode(self.sample_latent(batch_size)))
+        if hp.alpha < 1.0:
+            dual_generator = self.critic.generator_loss(self.decode(self.sample_latent(batch_size)), hp.generator_loss)
             self.check_finite("train/dual_generator_loss", dual_generator)
         opt_ae.zero_grad()
         self._backward_encoder_generator(primal, dual_generator)
@@ -343,12 +267,12 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
 
         values.update({
             "train/recon": recon,
-            f"train/latent_divergence_{self.hparams.training_estimator}": penalty,
+            f"train/latent_divergence_{hp.training_estimator}": penalty,
             "train/primal": primal,
             "train/generator_loss": self.combined_generator_loss(primal, dual_generator),
         })
         self.log_dict({k: v.detach() for k, v in values.items()}, on_step=True, on_epoch=True)
-        self.log_skipped_critic_steps(skipped)
+        self.log_skipped_critic_steps(skipped_latent + skipped)
 
     def _backward_encoder_generator(self, primal: Tensor, dual_generator: Tensor | None) -> None:
         """Gradients: encoder d(primal)/dE; generator d/dG [alpha * primal + (1 - alpha) * dual_generator].
@@ -370,9 +294,89 @@ class PrimalDual(PrimalDualEvaluationMixin, LipschitzCriticMixin, GenerativeModu
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = tuple(self.hparams.betas)
-        ae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
         return [
-            torch.optim.Adam(ae_params, lr=self.hparams.lr, betas=betas),
+            torch.optim.Adam(self.autoencoder_parameters(), lr=self.hparams.lr, betas=betas),
             torch.optim.Adam(self.latent_critic.parameters(), lr=self.hparams.latent_critic_lr, betas=betas),
             torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, betas=betas),
         ]
+
+    # ---- evaluation: the primal, the dual and the gap as epoch aggregates ----------------------
+
+    @property
+    def _monte_carlo_available(self) -> bool:
+        return self.hparams.encoder_type == "gaussian" and self.hparams.prior == "gaussian"
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluation_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def _start_evaluation(self) -> None:
+        self._epoch_bound = self.critic.network_bound()  # the critic does not change during evaluation
+        self.evaluation.reset()
+
+    def _evaluation_step(self, split: str, batch: Any) -> None:
+        real = self.batch_data(batch)  # (B, *data_shape)
+        batch_size = real.shape[0]
+        z, code_parameters = self.encode_with_parameters(real)
+        recon = cost(real, self.decode(z), self.hparams.cost)  # (B,)
+        latent_encoded, latent_prior = self.latent_critic.terms(z, self.sample_latent(batch_size).to(z.dtype))
+        fake = self.sample(batch_size)  # (B, *data_shape)
+        with eval_mode(self.critic):
+            raw_real, raw_fake = self.critic(real), self.critic(fake)  # (B,), (B,): the network alone
+            dual_real, dual_fake = dual_terms(self.data_divergence, raw_real, raw_fake)
+            certified_real, certified_fake = dual_terms(self.data_divergence, raw_real, raw_fake, max(1.0, self._epoch_bound))
+            terms = {
+                "recon": recon, "latent_encoded": latent_encoded, "latent_prior": latent_prior,
+                "dual_real": dual_real, "dual_fake": dual_fake,
+                "certified_real": certified_real, "certified_fake": certified_fake,
+            }
+            self.evaluation.update(terms, code_parameters if self._monte_carlo_available else None)
+            if self.hparams.lipschitz != "none":
+                estimate = self.critic.pair_lipschitz_estimate(real, fake)
+                self.log(f"{split}/lipschitz_estimate", estimate, reduce_fx="max", sync_dist=True)
+
+    def _end_evaluation(self, split: str) -> None:
+        if self.evaluation.update_count == 0:
+            return
+        means = self.evaluation.compute()  # reduced over ranks: every rank holds the same values
+        # Both T's estimate and f(1) (the value of the constant critic f'(1)) are lower estimates of
+        # D_f >= f(1); keep the better one (a negative D_kl estimate only says T is worse than a constant).
+        divergence_critic = torch.clamp(means["latent_encoded"] - means["latent_prior"], min=f_at_one(self.latent_divergence))
+        dual = means["dual_real"] - means["dual_fake"]
+        metrics = {f"{split}/recon": means["recon"], f"{split}/latent_divergence_critic": divergence_critic, f"{split}/dual": dual}
+        divergence = divergence_critic
+        if "mean" in means:
+            estimate = monte_carlo_divergence(
+                self.latent_divergence, means["mean"], means["log_var"], self.hparams.mc_samples, self.hparams.prior,
+                generator=torch.Generator(device=means["mean"].device).manual_seed(MC_SEED),
+            )
+            metrics[f"{split}/latent_divergence_mc"] = estimate.value
+            metrics[f"{split}/latent_divergence_mc_std_error"] = estimate.std_error
+            if self.hparams.primal_estimator == "monte_carlo":
+                divergence = estimate.value
+        primal = means["recon"] + self.hparams.lambda_ * divergence
+        metrics[f"{split}/primal"] = primal
+        metrics[f"{split}/gap"] = primal - dual
+        metrics[f"{split}/lipschitz_bound"] = self.critic.lipschitz_bound(self._epoch_bound)
+        certified = is_dual_certified(self.data_divergence, self._epoch_bound, self.hparams.cost in METRIC_COSTS)
+        metrics[f"{split}/dual_certified"] = float(certified)
+        if self.data_divergence.is_activation_1_lipschitz:
+            metrics[f"{split}/dual_lower_bound"] = means["certified_real"] - means["certified_fake"]
+        # Every rank holds the same values here; sync_dist keeps Lightning's epoch-level convention.
+        shown = {f"{split}/{key}" for key in ("primal", "dual", "gap")}
+        self.log_dict({k: v for k, v in metrics.items() if k in shown}, prog_bar=True, sync_dist=True)
+        self.log_dict({k: v for k, v in metrics.items() if k not in shown}, sync_dist=True)

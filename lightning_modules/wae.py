@@ -1,4 +1,4 @@
-"""The Wasserstein autoencoder family: WAE-MMD, WAE-GAN and the f-WAE (SPEC section 4).
+"""The Wasserstein autoencoder family: WAE-MMD, WAE-GAN and the f-WAE (docs/theory.md 3.2, 3.3).
 
     fWAE_{c,lambda}(P_X, G) = inf_E  E_{P_X}[c(x, G(E(x)))] + lambda * D(Q_Z, P_Z),
 
@@ -14,27 +14,34 @@ with Q_Z = E#P_X the aggregated posterior and D one of
 The logged penalty is that estimate and `primal` = recon + lambda * penalty. With a
 deterministic encoder on a finite sample Q_Z is discrete, so D_f(Q_Z || P_Z) is infinite for
 unbounded f (kl and others): the critic's estimate then keeps growing with its capacity and
-training time (SPEC section 4). Bounded rows (jensen_shannon, gan, total_variation) and MMD do
-not have that problem, which is why they are the defaults.
+training time (docs/theory.md 4.2). Bounded rows (jensen_shannon, gan, total_variation) and MMD
+do not have that problem, which is why they are the defaults.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_modules.base import GenerativeModule
-from lightning_modules.divergences import get_divergence
-from lightning_modules.losses import CostName, KernelName, PriorName, check_choice, check_cost_name, check_kernel_name
-from lightning_modules.losses import cost as pointwise_cost
-from lightning_modules.losses import mmd_unbiased, prior_variance
-from lightning_modules.networks import build_critic, build_decoder, build_encoder
+from lightning_modules.autoencoder import Autoencoder
+from lightning_modules.critic import Critic
+from lightning_modules.networks import OutputActivation, build_critic
+from maths.choices import check_choice
+from maths.divergences import get_divergence
+from maths.dual import critic_output, dual_value
+from maths.gaussian_codes import EncoderType
+from maths.mmd import KernelName, check_kernel_name, mmd_unbiased
+from maths.priors import PriorName, prior_variance
+from transport.costs import CostName
+
+LatentPenalty = Literal["mmd", "gan", "f"]
+LATENT_PENALTIES: tuple[str, ...] = get_args(LatentPenalty)
 
 
-class WAE(GenerativeModule):
+class WAE(Autoencoder):
     """Wasserstein autoencoder with an MMD, GAN or f-divergence latent penalty.
 
     Args:
@@ -56,19 +63,21 @@ class WAE(GenerativeModule):
         skip_nonfinite_critic_steps: skip a latent critic step whose loss is NaN or infinite (no
             update, optimiser state untouched; counted in `train/skipped_critic_steps`) instead of
             stopping. A non-finite autoencoder loss always stops training.
+        encoder, decoder, latent_critic: networks to use instead of the builders' (not saved as
+            hyperparameters: pass them again to `load_from_checkpoint`).
     """
 
     def __init__(
         self,
         data_shape: Sequence[int] = (1, 8, 8),
         latent_dim: int = 8,
-        latent_penalty: Literal["mmd", "gan", "f"] = "mmd",
+        latent_penalty: LatentPenalty = "mmd",
         divergence: str = "jensen_shannon",
         kernel: KernelName = "imq",
         lambda_: float = 10.0,
         cost: CostName = "l2sq",
         prior: PriorName = "gaussian",
-        encoder_type: Literal["deterministic", "gaussian"] = "deterministic",
+        encoder_type: EncoderType = "deterministic",
         width: int = 64,
         encoder_channels: list[int] | None = None,
         decoder_channels: list[int] | None = None,
@@ -78,43 +87,27 @@ class WAE(GenerativeModule):
         lr: float = 1e-3,
         critic_lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
-        output_activation: Literal["auto", "tanh", "none"] = "auto",
+        output_activation: OutputActivation = "auto",
         skip_nonfinite_critic_steps: bool = False,
+        encoder: nn.Module | None = None,
+        decoder: nn.Module | None = None,
+        latent_critic: nn.Module | None = None,
     ) -> None:
-        super().__init__(data_shape, latent_dim, prior)
-        self.save_hyperparameters()
-        check_cost_name(cost)
+        super().__init__(data_shape, latent_dim, prior, cost, encoder_type, width, encoder_channels, decoder_channels,
+                         output_activation, encoder, decoder)
+        self.save_hyperparameters(ignore=["encoder", "decoder", "latent_critic"])
         check_kernel_name(kernel)
-        check_choice("latent_penalty", latent_penalty, ("mmd", "gan", "f"))
-        check_choice("encoder_type", encoder_type, ("deterministic", "gaussian"))
+        check_choice("latent_penalty", latent_penalty, LATENT_PENALTIES)
         if lambda_ < 0 or n_critic < 1:
             raise ValueError(f"Need lambda_ >= 0 and n_critic >= 1, got {lambda_} and {n_critic}.")
         self.divergence = get_divergence("gan" if latent_penalty == "gan" else divergence)
+        self.latent_critic = None
+        if latent_penalty != "mmd":
+            if latent_critic is None:
+                latent_critic = build_critic((latent_dim,), critic_width, depth=critic_depth)
+            self.latent_critic = Critic(latent_critic, self.divergence, (latent_dim,))
 
-        code_size = latent_dim * (2 if encoder_type == "gaussian" else 1)
-        self.encoder = build_encoder(self.data_shape, code_size, width, encoder_channels)
-        self.decoder = build_decoder(
-            self.data_shape, latent_dim, width, decoder_channels, self.resolve_output_activation(output_activation)
-        )
-        self.latent_critic = (
-            build_critic((latent_dim,), critic_width, depth=critic_depth) if latent_penalty != "mmd" else None
-        )
-
-    # ---- public API ---------------------------------------------------------------------------
-
-    def encode(self, x: Tensor) -> Tensor:
-        """A latent code of each sample: E(x), or a reparameterised draw for a gaussian encoder.
-        (B, *data_shape) -> (B, latent_dim)."""
-        out = self.encoder(x)  # (B, d_z) or (B, 2 d_z)
-        if self.hparams.encoder_type == "deterministic":
-            return out
-        mean, log_var = out.chunk(2, dim=1)
-        return mean + torch.exp(0.5 * log_var.clamp(-10.0, 5.0)) * torch.randn_like(mean)
-
-    def latent_critic_output(self, z: Tensor) -> Tensor:
-        """T's network plus the constant v0 with g_f(v0) = f'(1) (1 for kl, else 0), so an untrained
-        latent critic sits at the optimum for Q_Z = P_Z. (B, d_z) -> (B,)."""
-        return self.latent_critic(z) + self.divergence.neutral_output
+    # ---- the latent penalty -------------------------------------------------------------------
 
     def latent_penalty(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(estimate of D(Q_Z, P_Z), the encoder's loss for it) on codes z (B, d_z)."""
@@ -123,30 +116,14 @@ class WAE(GenerativeModule):
             base_scale = 2.0 * self.latent_dim * prior_variance(self.prior, self.latent_dim)
             mmd = mmd_unbiased(z, z_prior, self.hparams.kernel, base_scale=base_scale)
             return mmd, mmd
-        v_encoded, v_prior = self.latent_critic_output(z), self.latent_critic_output(z_prior)  # (B,), (B,)
-        estimate = self.divergence.variational_estimate(v_encoded, v_prior)
+        raw_encoded, raw_prior = self.latent_critic(z), self.latent_critic(z_prior)  # (B,), (B,)
+        estimate = dual_value(self.divergence, raw_encoded, raw_prior)
         if self.hparams.latent_penalty == "gan":
             # Non-saturating encoder loss of the WAE paper: -log(1 - D(E(x))) with D = sigmoid(v).
-            return estimate, F.softplus(v_encoded).mean()
+            return estimate, F.softplus(critic_output(self.divergence, raw_encoded)).mean()
         return estimate, estimate
 
-    def reconstruction_cost(self, x: Tensor, x_rec: Tensor) -> Tensor:
-        """E c(x, G(E(x))) over the batch."""
-        return pointwise_cost(x, x_rec, self.hparams.cost).mean()
-
     # ---- training -----------------------------------------------------------------------------
-
-    def _critic_step(self, z: Tensor, optimizer: Any) -> Tensor | None:
-        """One ascent step of the latent critic on the variational estimate; returns it (None when
-        the step was skipped for a non-finite loss)."""
-        z_prior = self.sample_latent(z.shape[0]).to(z.dtype)
-        objective = self.divergence.variational_estimate(self.latent_critic_output(z), self.latent_critic_output(z_prior))
-        if not self.check_finite("train/latent_critic_loss", -objective, critic=True):
-            return None
-        optimizer.zero_grad()
-        self.manual_backward(-objective)
-        optimizer.step()
-        return objective.detach()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = self.batch_data(batch)  # (B, *data_shape)
@@ -154,11 +131,15 @@ class WAE(GenerativeModule):
         opt_ae = optimizers[0] if isinstance(optimizers, list) else optimizers
         z = self.encode(x)  # (B, d_z)
         if self.latent_critic is not None:
-            objectives = [self._critic_step(z.detach(), optimizers[1]) for _ in range(self.hparams.n_critic)]
-            done = [objective for objective in objectives if objective is not None]
-            if done:
-                self.log("train/critic_objective", done[-1], on_step=False, on_epoch=True)
-            self.log_skipped_critic_steps(len(objectives) - len(done))
+
+            def critic_step() -> tuple[Tensor, dict[str, Tensor]]:  # T ascends its estimate of D(Q_Z, P_Z)
+                objective = self.latent_critic.objective(z.detach(), self.sample_latent(z.shape[0]).to(z.dtype))
+                return -objective, {"train/critic_objective": objective}
+
+            values, skipped = self.adversary_steps(optimizers[1], critic_step, self.hparams.n_critic, "train/latent_critic_loss")
+            if values:
+                self.log_dict({k: v.detach() for k, v in values.items()}, on_step=False, on_epoch=True)
+            self.log_skipped_critic_steps(skipped)
 
         recon = self.reconstruction_cost(x, self.decode(z))
         penalty, penalty_loss = self.latent_penalty(z)
@@ -192,9 +173,7 @@ class WAE(GenerativeModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         betas = tuple(self.hparams.betas)
-        ae_params = [*self.encoder.parameters(), *self.decoder.parameters()]
-        optimizers = [torch.optim.Adam(ae_params, lr=self.hparams.lr, betas=betas)]
+        optimizers = [torch.optim.Adam(self.autoencoder_parameters(), lr=self.hparams.lr, betas=betas)]
         if self.latent_critic is not None:
             optimizers.append(torch.optim.Adam(self.latent_critic.parameters(), lr=self.hparams.critic_lr, betas=betas))
         return optimizers
-

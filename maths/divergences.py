@@ -1,4 +1,4 @@
-"""The f-divergence registry (SPEC section 3; Nowozin, Cseke, Tomioka, f-GAN, 2016).
+"""The f-divergence registry (docs/theory.md section 2; Nowozin, Cseke, Tomioka, f-GAN, 2016).
 
 For a convex f with f(1) = 0, D_f(P || Q) = E_Q[f(dP/dQ)], and for any critic T with values in
 dom f*,
@@ -7,10 +7,10 @@ dom f*,
 
 with equality at T* = f'(dP/dQ). A critic network outputs an unconstrained v and the row's
 output activation g_f maps it into dom f*: T = g_f(v). The critic loss needs f*(g_f(v)), which
-is computed in a fused closed form (second table of SPEC section 3) rather than by composing
+is computed in a fused closed form (docs/theory.md 2.3) rather than by composing
 the two maps, which overflows or cancels in float32.
 
-Scaling (SPEC section 3): lambda f is again an f-divergence generator with
+Scaling (docs/theory.md 2.4): lambda f is again an f-divergence generator with
 
     (lambda f)*(t) = lambda f*(t / lambda),   activation lambda g_f(v / lambda),
 
@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from maths.choices import check_choice
+
 LOG2 = math.log(2.0)
 Elementwise = Callable[[Tensor], Tensor]
 
@@ -48,7 +50,7 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class _Row:
-    """One unscaled row of the SPEC section 3 tables."""
+    """One unscaled row of the tables in docs/theory.md 2.1 and 2.3."""
 
     f: Elementwise
     conjugate: Elementwise  # valid inside the domain only; the caller masks the outside
@@ -57,6 +59,7 @@ class _Row:
     domain: tuple[float, float]
     domain_closed: bool
     f_prime_one: float
+    f_prime_infinity: float  # lim f(u) / u as u -> inf: the price of mass where Q has none
     activation_lipschitz: float
     neutral_output: float = 0.0  # v with g_f(v) = f'(1): the optimal critic output when P = Q
 
@@ -70,6 +73,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, math.inf),
         domain_closed=False,
         f_prime_one=1.0,
+        f_prime_infinity=math.inf,
         activation_lipschitz=1.0,
         neutral_output=1.0,
     ),
@@ -81,6 +85,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, 0.0),
         domain_closed=False,
         f_prime_one=-1.0,
+        f_prime_infinity=0.0,
         activation_lipschitz=math.inf,
     ),
     "pearson": _Row(
@@ -91,6 +96,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, math.inf),
         domain_closed=False,
         f_prime_one=0.0,
+        f_prime_infinity=math.inf,
         activation_lipschitz=1.0,
     ),
     "neyman": _Row(
@@ -101,6 +107,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, 1.0),
         domain_closed=False,
         f_prime_one=0.0,
+        f_prime_infinity=1.0,
         activation_lipschitz=math.inf,
     ),
     "hellinger": _Row(
@@ -111,6 +118,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, 1.0),
         domain_closed=False,
         f_prime_one=0.0,
+        f_prime_infinity=1.0,
         activation_lipschitz=math.inf,
     ),
     "jensen_shannon": _Row(
@@ -122,6 +130,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, LOG2),
         domain_closed=False,
         f_prime_one=0.0,
+        f_prime_infinity=LOG2,
         activation_lipschitz=1.0,
     ),
     "gan": _Row(
@@ -132,6 +141,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-math.inf, 0.0),
         domain_closed=False,
         f_prime_one=-LOG2,
+        f_prime_infinity=0.0,
         activation_lipschitz=1.0,
     ),
     "total_variation": _Row(
@@ -142,6 +152,7 @@ _ROWS: dict[str, _Row] = {
         domain=(-0.5, 0.5),
         domain_closed=True,
         f_prime_one=0.0,
+        f_prime_infinity=0.5,
         activation_lipschitz=0.5,
     ),
 }
@@ -160,10 +171,7 @@ class FDivergence:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in _ROWS:
-            raise ValueError(
-                f"Unknown divergence {self.name!r}. Known divergences: {', '.join(DIVERGENCE_NAMES)}."
-            )
+        check_choice("divergence", self.name, DIVERGENCE_NAMES)
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ValueError(f"The divergence scale lambda must be a positive number, got {self.scale}.")
 
@@ -201,12 +209,17 @@ class FDivergence:
         """Fused, stable (lambda f)*(lambda g_f(v / lambda)) = lambda f*(g_f(v / lambda))."""
         return self.scale * self._row.conjugate_of_activation(torch.as_tensor(v) / self.scale)
 
+    def variational_terms(self, v_p: Tensor, v_q: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample terms g(v_p) and f*(g(v_q)) of the variational bound (docs/theory.md 2.3)."""
+        return self.activation(v_p), self.conjugate_of_activation(v_q)
+
     def variational_estimate(self, v_p: Tensor, v_q: Tensor) -> Tensor:
         """E_P[g(v_p)] - E_Q[f*(g(v_q))]: a lower bound on D_{lambda f}(P || Q) for any critic.
 
         v_p: critic outputs on samples of P, shape (N,) or (N, 1); v_q: on samples of Q.
         """
-        return self.activation(v_p).mean() - self.conjugate_of_activation(v_q).mean()
+        on_p, on_q = self.variational_terms(v_p, v_q)
+        return on_p.mean() - on_q.mean()
 
     @property
     def f_prime_one(self) -> float:
@@ -220,6 +233,12 @@ class FDivergence:
         to their critic networks' outputs, so an untrained critic starts at the optimum for P = Q
         (a constant changes no Lipschitz constant)."""
         return self.scale * self._row.neutral_output
+
+    @property
+    def f_prime_infinity(self) -> float:
+        """lambda f'(inf) = lim lambda f(u) / u: what each unit of P's mass costs where Q has none
+        (docs/theory.md 2.1); inf for kl and pearson."""
+        return self.scale * self._row.f_prime_infinity
 
     @property
     def activation_lipschitz(self) -> float:

@@ -1,21 +1,61 @@
-"""Spectral normalisation of a convolution as an operator on images (SPEC section 4).
+"""Layers whose Lipschitz constants the certificate knows, and `eval_mode` (docs/theory.md 4.3).
 
-torch's `spectral_norm` divides a conv kernel by the largest singular value of the kernel
-reshaped to an (out, in * kh * kw) matrix. That is not the operator norm of the convolution
-x -> conv(x, W) on images: overlapping patches make the operator norm larger (by up to
-sqrt(kh * kw) / stride), so a "spectrally normalised" conv critic is not 1-Lipschitz and its
-dual value certifies nothing. This parametrization divides the kernel by the operator norm of
-the convolution itself on inputs of a given shape, tracked by power iteration on
-A = conv(., W) and its adjoint A^T = conv_transpose(., W), one step per training forward, as
-torch does for matrices (Miyato et al. 2018; the conv operator version of Gouk et al. 2021).
+- `MaxMin`: GroupSort with groups of two (Anil, Lucas, Grosse 2019), a 1-Lipschitz activation
+  whose Jacobian is a permutation, so it keeps the norm of gradients where ReLU-type activations
+  shrink them: under a per-layer norm constraint it lets a critic get close to the best
+  1-Lipschitz function.
+- `Squeeze`: (B, 1) -> (B,), the last layer of every critic.
+- `ConvOperatorNorm`: spectral normalisation of a convolution as an operator on images. torch's
+  `spectral_norm` divides a conv kernel by the largest singular value of the kernel reshaped to an
+  (out, in * kh * kw) matrix, which is not the operator norm of x -> conv(x, W): overlapping
+  patches make the latter larger (by up to sqrt(ceil(kh / s) ceil(kw / s)) for stride s), so such a critic is not
+  1-Lipschitz and its dual value certifies nothing. This parametrization divides the kernel by the
+  operator norm of the convolution itself on inputs of a given shape, tracked by power iteration on
+  A = conv(., W) and its adjoint A^T = conv_transpose(., W), one step per training forward, as
+  torch does for matrices (Miyato et al. 2018; the operator version of Gouk et al. 2021).
+- `eval_mode`: a module in eval mode inside a block, every submodule's own flag restored after.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` in eval mode inside the block; afterwards every submodule gets its own previous
+    mode back (a submodule kept in eval mode on purpose stays so)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class MaxMin(nn.Module):
+    """GroupSort of pairs: features (dim 1) split into halves a and b, returned as
+    (max(a, b), min(a, b)). (B, 2k, ...) -> (B, 2k, ...); 1-Lipschitz in l2."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] % 2:
+            raise ValueError(f"MaxMin pairs up features along dim 1, which needs an even size; got {tuple(x.shape)}.")
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+
+class Squeeze(nn.Module):
+    """(B, 1) -> (B,)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.squeeze(-1)
 
 
 class ConvOperatorNorm(nn.Module):

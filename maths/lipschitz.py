@@ -1,4 +1,4 @@
-"""Operator norms of layers and a certified Lipschitz bound for critics (SPEC section 4).
+"""Operator norms of layers and a certified Lipschitz bound for critics (docs/theory.md 4.3).
 
 The f-GAN dual value  E_{P_X}[h] - E_{P_G}[(lambda f)*(h)]  is a certified lower bound on
 W_c(P_X, P_G) (c = l2) only if the critic h is 1-Lipschitz:  |h(x) - h(y)| <= ||x - y||_2.
@@ -14,7 +14,7 @@ shape it actually receives, with its stride, padding and dilation).
 torch's `spectral_norm` divides a conv kernel by the largest singular value of the kernel
 reshaped to an (out, in * kh * kw) matrix. That is not ||W||_op of the convolution: every input
 pixel is read by up to ceil(kh / s) * ceil(kw / s) overlapping patches, so the operator norm can
-exceed it by a factor up to about sqrt(kh * kw) / s (3 for a 3x3 stride-1 kernel). So a
+exceed it by a factor up to sqrt(ceil(kh / s) * ceil(kw / s)) (3 for a 3x3 stride-1 kernel). So a
 "spectrally normalised" conv critic is not certified by its construction; `lipschitz_upper_bound`
 computes (1) from the layers themselves.
 
@@ -47,32 +47,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.networks import MaxMin, Squeeze
+from maths.layers import MaxMin, Squeeze, eval_mode
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AFFINE = (nn.Linear, *_CONVS, *_AVG_POOLS)  # layers whose operator norm is computed
 _LIP_ONE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.Softplus, nn.Identity, nn.Flatten, nn.Unflatten, Squeeze, MaxMin)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put `module` and its submodules in eval mode, restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _work_dtype(device: torch.device) -> torch.dtype:
@@ -84,7 +71,7 @@ def _linear_map(layer: nn.Module, dtype: torch.dtype) -> Callable[[Tensor], Tens
     if isinstance(layer, _AVG_POOLS):
         return layer  # linear, no parameters
     if isinstance(layer, (nn.Linear, *_CONVS)):
-        with _eval_mode(layer), torch.no_grad():
+        with eval_mode(layer), torch.no_grad():
             weight = layer.weight.detach().to(dtype)  # parametrizations evaluated without updates
         if isinstance(layer, nn.Linear):
             return lambda x: F.linear(x, weight)
@@ -153,7 +140,7 @@ def linear_operator_norm(
     with `tol`, see `_top_eigenvalue`) it is returned times (1 + 10 tol), an upper bound.
     """
     if isinstance(layer, nn.Linear):
-        with _eval_mode(layer), torch.no_grad():
+        with eval_mode(layer), torch.no_grad():
             weight = layer.weight.detach()
         return float(torch.linalg.matrix_norm(weight.to(_work_dtype(weight.device)), ord=2))
     param = next(layer.parameters(), None)
@@ -268,7 +255,7 @@ def lipschitz_upper_bound(network: nn.Module, input_shape: tuple[int, ...]) -> f
     unique = {id(m): m for m in units.values()}  # a shared module is hooked once
     handles = [m.register_forward_hook(record) for m in unique.values()]
     try:
-        with _eval_mode(network), torch.no_grad():
+        with eval_mode(network), torch.no_grad():
             network(torch.zeros((1, *input_shape), dtype=dtype, device=device))  # (1, *input_shape)
     finally:
         for handle in handles:
@@ -285,7 +272,7 @@ def lipschitz_upper_bound(network: nn.Module, input_shape: tuple[int, ...]) -> f
 
 def empirical_lipschitz(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
     """max_i |fn(x)_i - fn(y)_i| / ||x_i - y_i||_2 over pairs with x_i != y_i: a LOWER estimate of
-    Lip(fn) from data (SPEC section 4: estimated, not certified). x, y: (B, ...); fn: (B, ...) -> (B,).
+    Lip(fn) from data (docs/theory.md 4.2: estimated, not certified). x, y: (B, ...); fn: (B, ...) -> (B,).
     Returns a 0-dim tensor (0 if every pair coincides)."""
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}.")

@@ -1,4 +1,5 @@
-"""A critic-free Monte Carlo estimate of D_f(Q_Z || P_Z) for Gaussian encoders (SPEC section 4).
+"""Gaussian encoders: their codes, and a critic-free Monte Carlo estimate of D_f(Q_Z || P_Z)
+(docs/theory.md 3.2 and 4.5).
 
 A Gaussian stochastic encoder maps x_i to N(mu_i, diag sigma_i^2). On a finite sample of N codes
 the aggregated posterior is the mixture
@@ -13,8 +14,7 @@ has unbiased Monte Carlo estimates with no critic at all:
 
 - proposal "prior": (1/M) sum_j f(r(z_j)), z_j ~ P_Z i.i.d., r = q / p. Unbiased, but when Q_Z is
   concentrated (small sigma_i, as trained encoders make them) f(r) is huge on a set that P_Z almost
-  never hits: the estimate and its standard error are then both ~0 while D_f is large (measured on
-  digits: 0 +- 1e-19 for a mixture whose D_kl is about 19).
+  never hits: the estimate and its standard error can then both be ~0 while D_f is large.
 - proposal "balanced" (the default): importance sampling from m = (P_Z + Q_Z) / 2, stratified, half
   the draws from each:  D_f = E_m[(p/m) f(r)]  with weight p/m = 2 / (1 + r) <= 2, so the estimate
   is (1/2) mean_{z ~ P_Z}[w f(r)] + (1/2) mean_{z ~ Q_Z}[w f(r)]. Unbiased as well; its second moment
@@ -33,19 +33,21 @@ Only the gaussian prior is supported. `sphere` has no density with respect to Le
 R^d (it lives on a (d-1)-dimensional surface), so the Gaussian mixture Q_Z and P_Z are mutually
 singular and q / p does not exist. `cube` has bounded support while every Gaussian component puts
 mass outside [-1, 1]^d; E_{P_Z}[f(q/p)] then misses that mass (the true D_f adds
-f'(inf) Q_Z(outside), infinite for kl and most rows), so the formula would silently underestimate.
+f'(inf) Q_Z(outside), infinite for kl and pearson, docs/theory.md 2.1), so the formula would silently
+underestimate.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
-from lightning_modules.divergences import FDivergence, get_divergence
-from lightning_modules.losses import check_choice, check_prior_name
+from maths.choices import check_choice
+from maths.divergences import FDivergence, get_divergence
+from maths.priors import check_prior_name
 
 LOG2 = math.log(2.0)
 LOG_2PI = math.log(2.0 * math.pi)
@@ -53,6 +55,8 @@ LOG_2PI = math.log(2.0 * math.pi)
 # the reparameterised codes and the mixture density finite early in training.
 LOG_VAR_RANGE: tuple[float, float] = (-10.0, 5.0)
 PROPOSALS: tuple[str, ...] = ("balanced", "prior")
+EncoderType = Literal["deterministic", "gaussian"]
+ENCODER_TYPES: tuple[str, ...] = get_args(EncoderType)
 
 
 def _softplus(x: Tensor) -> Tensor:
@@ -124,8 +128,8 @@ def check_monte_carlo_prior(prior: str) -> None:
         raise ValueError(
             "The Monte Carlo estimate of D_f(Q_Z || P_Z) = E_{P_Z}[f(q/p)] needs Q_Z to live inside the "
             "support of P_Z, but the cube prior is supported on [-1, 1]^d while every Gaussian component of "
-            "Q_Z puts mass outside it: the formula would miss that mass (the true D_f is infinite for kl and "
-            "most rows). Use prior='gaussian', or the latent critic's estimate (primal_estimator='critic')."
+            "Q_Z puts mass outside it: the formula would miss that mass (the true D_f adds f'(inf) times it, "
+            "infinite for kl and pearson). Use prior='gaussian', or the latent critic's estimate (primal_estimator='critic')."
         )
 
 
@@ -182,10 +186,9 @@ def importance_weighted_f(divergence: str | FDivergence, log_ratio: Tensor) -> T
 
 def sample_mixture(mean: Tensor, log_var: Tensor, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
     """Draws from q = (1/N) sum_i N(mu_i, diag exp(log_var_i)): a uniform component, then its Gaussian.
-    mean, log_var: (N, d) -> (num_samples, d), drawn on the CPU from `generator`, on mean's device."""
-    index = torch.randint(mean.shape[0], (num_samples,), generator=generator)  # (M,)
-    noise = torch.randn(num_samples, mean.shape[1], generator=generator, dtype=mean.dtype)  # (M, d)
-    index, noise = index.to(mean.device), noise.to(mean.device)
+    mean, log_var: (N, d) -> (num_samples, d), drawn on mean's device (`generator` lives there too)."""
+    index = torch.randint(mean.shape[0], (num_samples,), generator=generator, device=mean.device)  # (M,)
+    noise = torch.randn(num_samples, mean.shape[1], generator=generator, dtype=mean.dtype, device=mean.device)  # (M, d)
     return mean[index] + torch.exp(0.5 * log_var[index]) * noise
 
 
@@ -202,7 +205,7 @@ def monte_carlo_divergence(
 
     divergence: registry name or FDivergence (its scale lambda multiplies f).
     mean, log_var: (N, d) parameters of the encoder's Gaussians (any float dtype; computed in float64).
-    num_samples: M draws in all, on the CPU from `generator` (seeded: reproducible).
+    num_samples: M draws in all, on mean's device from `generator` (seeded: reproducible).
     proposal: "balanced" (M/2 draws from P_Z and M/2 from Q, weights p/m = 2/(1 + r); M >= 4) or
         "prior" (M draws from P_Z, (1/M) sum_j f(r_j); M >= 2); see the module docstring.
     Returns the estimate, its standard error and M, as float64 0-dim tensors on mean's device.
@@ -227,7 +230,7 @@ def monte_carlo_divergence(
         return mixture_log_density(z, mean, log_var) - prior_log_density(z, prior)
 
     num_prior = num_samples if proposal == "prior" else num_samples // 2
-    z_prior = torch.randn(num_prior, mean.shape[1], generator=generator, dtype=torch.float64).to(mean.device)
+    z_prior = torch.randn(num_prior, mean.shape[1], generator=generator, dtype=torch.float64, device=mean.device)
     if proposal == "prior":
         values = f_of_log_ratio(div, log_ratio(z_prior))  # (M,)
         return MonteCarloEstimate(values.mean(), values.std() / math.sqrt(num_samples), num_samples)

@@ -1,5 +1,6 @@
-"""Checkpoint files for the CLI (SPEC 9): a readable-checkpoint check with one clear message per
-failure, the newest `last.ckpt` of a logger's version folders, and an atomic writer."""
+"""Checkpoint files for the CLI: a readable-checkpoint check with one clear message per failure,
+`--ckpt_path last` resolved to the newest `last.ckpt` of the logger's version folders, and an
+atomic writer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class CheckpointFileError(ValueError):
@@ -18,7 +20,7 @@ class CheckpointFileError(ValueError):
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
-    """Raise a clear error unless `path` is a readable Lightning checkpoint (SPEC 9).
+    """Raise a clear error unless `path` is a readable Lightning checkpoint.
 
     Distinguishes a missing path, a folder, an empty file, a truncated file (a zip archive, the
     format of `torch.save`, without its index), bytes that torch cannot read at all, and a torch
@@ -77,6 +79,41 @@ def newest_last_checkpoint(log_root: Path) -> tuple[Path, int] | None:
         return None
     _, version, ckpt = max(found)
     return ckpt, version
+
+
+LOGGERS_WITH_VERSIONS = ("TensorBoardLogger", "CSVLogger")  # log dirs <save_dir>/<name>/version_N
+
+
+def resolve_last(subcommand: str, config: Any) -> None:
+    """`--ckpt_path last` -> the newest last.ckpt of the logger's version folders (see the module
+    docstring). Left to Lightning when checkpoints do not go to the logger's folder."""
+    logger = config.get("trainer", {}).get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+    if not class_path.endswith(LOGGERS_WITH_VERSIONS):
+        return
+    init_args = logger.get("init_args")
+    if init_args is None or init_args.get("version") is not None:
+        return
+    for callback in config.get("trainer", {}).get("callbacks") or []:
+        args = callback.get("init_args") if hasattr(callback, "get") else None
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and args and args.get("dirpath"):
+            return  # an explicit checkpoint folder: Lightning's own "last" looks there
+    root = Path(init_args.get("save_dir") or config.get("trainer", {}).get("default_root_dir") or ".")
+    root = root / (init_args.get("name") or "")
+    found = newest_last_checkpoint(root)
+    if found is None:
+        if subcommand != "fit":
+            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints to {subcommand}. "
+                                    "Pass --ckpt_path PATH to a checkpoint file.")
+        rank_zero_info(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints yet; training starts from scratch.")
+        config["ckpt_path"] = None
+        return
+    ckpt, version = found
+    config["ckpt_path"] = str(ckpt)
+    if subcommand == "fit":
+        init_args["version"] = version  # logs and checkpoints continue in the same folder
+    rank_zero_info(f"--ckpt_path last: {ckpt}" + (f" (logging continues in version_{version})" if subcommand == "fit" else ""))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
