@@ -1,17 +1,15 @@
-"""The numeric helpers of the lambda-limit studies (benchmarks/transport_encoder.py, dual_limit.py)
-against independent references: POT's exact transport and closed forms."""
+"""The numeric helpers of the lambda-limit studies (studies/transport_encoder.py, studies/dual_limit.py)
+against independent references: POT's exact transport and closed forms. Run from the repository
+root (`python -m pytest`), where the `studies` package is importable."""
 
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from dual_limit import extrapolate  # noqa: E402
-from transport_encoder import assignment, best_primal, transport_encoder_terms  # noqa: E402
+from studies.dual_limit import extrapolate
+from studies.transport_encoder import assignment, best_primal, transport_encoder_terms
 
 ot = pytest.importorskip("ot")
 

@@ -1,19 +1,39 @@
-"""The command line (train.py): help, configs, fit / validate / test, and bad input."""
+"""The command line (cli.command, run by `python train.py` and the installed `primal-dual`): help,
+configs, fit / validate / test, and bad input."""
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from train import cli_main
+import cli
+from cli.command import cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "wae_digits.yaml")
 QUICK = ["--trainer.enable_model_summary", "false", "--trainer.limit_val_batches", "1"]
 
+pytestmark = pytest.mark.usefixtures("in_tmp_dir", "one_thread")  # the configs write runs/ below the working directory
 
-@pytest.fixture(autouse=True)
-def in_tmp_dir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the configs write runs/ below the working directory
+
+def test_train_py_is_the_cli():
+    import train
+
+    assert train.cli_main is cli_main is cli.cli_main
+    assert train.main is main is cli.main  # `cli:main`, the console command's entry point
+
+
+def test_console_command_prints_the_help(tmp_path):
+    """`primal-dual --help`, the script pyproject's [project.scripts] installs next to the interpreter."""
+    beside = Path(sys.executable).parent / "primal-dual"
+    script = str(beside) if beside.is_file() else shutil.which("primal-dual")
+    if script is None:
+        pytest.skip("the primal-dual console script is not installed here (pip install -e . installs it)")
+    result = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fit" in result.stdout and "validate" in result.stdout
 
 
 def test_help_lists_model_and_data_options(capsys):

@@ -25,8 +25,9 @@ import yaml
 
 from callbacks.features import load_or_train_domain_features
 from datamodules import DigitsDataModule
-from lightning_modules.base import collect_rng_states, seed_rank
+from lightning_modules.rng import collect_rng_states, seed_rank
 from lightning_modules.wae import WAE
+from helpers import one_torch_thread
 from probes import ROOT, run_train
 
 EPOCHS, TRAIN_BATCHES = 2, 3
@@ -48,7 +49,8 @@ def fid_features(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fid") / "fid_features_digits.pt"
     dm = DigitsDataModule()
     dm.setup("fit")
-    load_or_train_domain_features(dm, str(path))
+    with one_torch_thread():  # small convolutions: two threads on shared cores ran it several times slower
+        load_or_train_domain_features(dm, str(path))
     return path
 
 
@@ -198,9 +200,9 @@ def test_models_reseed_ranks_at_setup_and_after_restoring_a_checkpoint():
 
 
 def test_main_destroys_the_process_group_it_leaves_behind(tmp_path):
-    """train.main closes a process group the run left open: a gloo group torn down by the garbage
+    """main closes a process group the run left open: a gloo group torn down by the garbage
     collector at interpreter exit intermittently aborts a finished run (SIGABRT, exit -6)."""
-    from train import close_process_group
+    from cli.command import close_process_group
 
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)

@@ -1,7 +1,7 @@
 """Tests of the f-divergence registry (SPEC section 3) against independent numpy/scipy references.
 
-Every reference below (f, f', g_f, its inverse, the fused f*(g_f), the closed-form divergences)
-is written here from the SPEC tables, in float64, and never calls the module under test.
+Every reference (f, f', g_f, its inverse, the fused f*(g_f) in tests/helpers.py; the closed-form
+divergences here) is written from the SPEC tables, in float64, and never calls the module under test.
 """
 
 import math
@@ -12,10 +12,20 @@ import torch
 from scipy.spatial.distance import jensenshannon
 from scipy.stats import entropy, norm
 
-from lightning_modules.divergences import DIVERGENCE_NAMES, FDivergence, get_divergence
+from helpers import (
+    REF_DOMAIN,
+    REF_F_AT_ZERO,
+    REF_F_PRIME_ONE,
+    REF_LIPSCHITZ,
+    ref_activation,
+    ref_f,
+    ref_f_prime,
+    ref_fused,
+    ref_inverse_activation,
+)
+from maths.divergences import DIVERGENCE_NAMES, FDivergence, get_divergence
 
 NAMES = ("kl", "reverse_kl", "pearson", "neyman", "hellinger", "jensen_shannon", "gan", "total_variation")
-LOG2 = math.log(2.0)
 SCALES = (1.0, 0.5, 3.0)
 
 
@@ -27,53 +37,6 @@ def _np(x):
     return x.detach().to(torch.float64).numpy()
 
 
-# ----------------------------------------------------------------------------- references (unscaled)
-def _xlogx(u):
-    return np.where(u > 0, u * np.log(np.where(u > 0, u, 1.0)), 0.0)
-
-
-def _tv_inverse(t):  # +-40 stands for +-inf (tanh(40) == 1 in float64) at |t| = 1/2
-    return np.where(np.abs(2 * t) >= 1, 40.0 * np.sign(t), np.arctanh(np.clip(2 * t, -0.5, 0.5)))
-
-
-# name: (f(u), f'(u), g_f(v), g_f^{-1}(t), fused f*(g_f(v))), all from the SPEC tables, numpy float64
-REF = {
-    "kl": (lambda u: _xlogx(u), lambda u: np.log(u) + 1, lambda v: v, lambda t: t, lambda v: np.exp(v - 1)),
-    "reverse_kl": (lambda u: -np.log(u), lambda u: -1 / u, lambda v: -np.exp(-v), lambda t: -np.log(-t),
-                   lambda v: v - 1),
-    "pearson": (lambda u: (u - 1) ** 2, lambda u: 2 * (u - 1), lambda v: v, lambda t: t, lambda v: v**2 / 4 + v),
-    "neyman": (lambda u: (1 - u) ** 2 / u, lambda u: 1 - 1 / u**2, lambda v: -np.expm1(-v),
-               lambda t: -np.log1p(-t), lambda v: 2 - 2 * np.exp(-v / 2)),
-    "hellinger": (lambda u: (np.sqrt(u) - 1) ** 2, lambda u: 1 - 1 / np.sqrt(u), lambda v: -np.expm1(-v),
-                  lambda t: -np.log1p(-t), np.expm1),
-    "jensen_shannon": (lambda u: _xlogx(u) - (u + 1) * np.log((u + 1) / 2), lambda u: np.log(2 * u / (u + 1)),
-                       lambda v: LOG2 - np.logaddexp(0, -v), lambda t: -np.log(2 * np.exp(-t) - 1),
-                       lambda v: np.logaddexp(0, v) - LOG2),
-    "gan": (lambda u: _xlogx(u) - (u + 1) * np.log(u + 1), lambda u: np.log(u / (u + 1)),
-            lambda v: -np.logaddexp(0, -v), lambda t: -np.log(np.expm1(-t)), lambda v: np.logaddexp(0, v)),
-    "total_variation": (lambda u: np.abs(u - 1) / 2, lambda u: np.sign(u - 1) / 2, lambda v: np.tanh(v) / 2,
-                        _tv_inverse, lambda v: np.tanh(v) / 2),
-}
-
-
-def _ref(k):
-    def ref(name, x):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return REF[name][k](np.asarray(x, dtype=np.float64))
-    return ref
-
-
-ref_f, ref_f_prime, ref_activation, ref_inverse_activation, ref_fused = (_ref(k) for k in range(5))
-
-REF_DOMAIN = {"kl": (-math.inf, math.inf), "reverse_kl": (-math.inf, 0.0), "pearson": (-math.inf, math.inf),
-              "neyman": (-math.inf, 1.0), "hellinger": (-math.inf, 1.0), "jensen_shannon": (-math.inf, LOG2),
-              "gan": (-math.inf, 0.0), "total_variation": (-0.5, 0.5)}
-REF_F_AT_ZERO = {"kl": 0.0, "reverse_kl": math.inf, "pearson": 1.0, "neyman": math.inf, "hellinger": 1.0,
-                 "jensen_shannon": LOG2, "gan": 0.0, "total_variation": 0.5}
-REF_F_PRIME_ONE = {"kl": 1.0, "reverse_kl": -1.0, "pearson": 0.0, "neyman": 0.0, "hellinger": 0.0,
-                   "jensen_shannon": 0.0, "gan": -LOG2, "total_variation": 0.0}
-REF_LIPSCHITZ = {"kl": 1.0, "pearson": 1.0, "jensen_shannon": 1.0, "gan": 1.0, "total_variation": 0.5,
-                 "reverse_kl": math.inf, "neyman": math.inf, "hellinger": math.inf}
 # points t (unscaled) strictly inside dom f* whose maximiser u* lies well inside the brute-force grid;
 # pearson stays at t >= -2: below, the table's t^2/4 + t is the conjugate of (u-1)^2 on all of R, not on u >= 0
 CONJ_POINTS = {"kl": [-3, -1, 0, 1, 2.5], "reverse_kl": [-5, -1, -0.3], "pearson": [-1.5, 0, 1, 4],

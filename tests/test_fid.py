@@ -4,9 +4,9 @@ digits, and the offline Inception error. No network: Inception's download is mon
 
 from __future__ import annotations
 
+import functools
 import urllib.error
 
-import lightning as L
 import numpy as np
 import pytest
 import scipy.linalg
@@ -19,11 +19,15 @@ from callbacks import FIDCallback
 from callbacks.features import DomainFeatureNet, datamodule_feature_name, load_or_train_domain_features
 from callbacks.fid import FrechetFeatureDistance, frechet_distance
 from datamodules import DigitsDataModule
+from helpers import TrivialModule, one_torch_thread
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return L.Trainer(accelerator="cpu", devices=1, limit_train_batches=2, **{**defaults, **kwargs})
+@pytest.fixture
+def quiet_trainer(quiet_trainer):
+    """The shared quiet Trainer with two training batches per epoch: the modules here only sample."""
+    return functools.partial(quiet_trainer, limit_train_batches=2)
 
 
 def _reference_frechet(x: np.ndarray, y: np.ndarray) -> float:
@@ -50,13 +54,13 @@ class Flatten(nn.Module):
         return x.flatten(1)
 
 
-class SampleOnly(L.LightningModule):
+class SampleOnly(TrivialModule):
     """Nothing but `sample(n)` and the minimum a Trainer needs; records what it generated."""
 
     def __init__(self, shape=(1, 8, 8), mean=None, std=None) -> None:
         super().__init__()
         self.shape = shape
-        self.layer = nn.Linear(4, int(np.prod(shape)))
+        self.generator = nn.Linear(4, int(np.prod(shape)))
         self.mean, self.std = mean, std  # Gaussian samples N(mean, diag(std^2)) when given
         self.samples: list[torch.Tensor] = []
 
@@ -64,18 +68,9 @@ class SampleOnly(L.LightningModule):
         if self.mean is not None:
             out = self.mean + self.std * torch.randn(num_samples, len(self.mean))
         else:
-            out = torch.tanh(self.layer(torch.randn(num_samples, 4))).view(num_samples, *self.shape)
+            out = torch.tanh(self.generator(torch.randn(num_samples, 4))).view(num_samples, *self.shape)
         self.samples.append(out.detach().clone())
         return out
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(torch.randn(2, 4)).square().mean()
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 class NoSample(SampleOnly):
@@ -97,12 +92,8 @@ def domain_path(tmp_path_factory, digits):
     two threads waiting on each other made the same training 10-30x slower.
     """
     path = str(tmp_path_factory.mktemp("fid") / "fid_features_digits.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         load_or_train_domain_features(digits, path, steps=300)
-    finally:
-        torch.set_num_threads(threads)
     return path
 
 
@@ -138,7 +129,7 @@ def test_frechet_distance_rejects_bad_shapes():
 
 # ---- the callback with an identity-like extractor --------------------------------------
 
-def test_callback_matches_closed_form_on_gaussians_and_scipy_on_the_same_samples():
+def test_callback_matches_closed_form_on_gaussians_and_scipy_on_the_same_samples(quiet_trainer):
     # Real ~ N(0, diag(a)), generated ~ N(m, diag(b)); n = 20000 per side. Over 200 seeds the
     # estimate had std 0.028 and bias 0.002 around the truth 2.058, so 0.15 is ~5 sigma.
     n, a, b = 20000, torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([1.5, 1.0, 1.0, 0.25])
@@ -159,7 +150,7 @@ def test_callback_matches_closed_form_on_gaussians_and_scipy_on_the_same_samples
     assert value == pytest.approx(fid.last_value, rel=1e-6)  # logged as float32
 
 
-def _run_recording(digits, epochs=3, num_samples=150):
+def _run_recording(quiet_trainer, digits, epochs=3, num_samples=150):
     extractor = Flatten(64)
     model = SampleOnly()
     fid = FIDCallback(feature_extractor=extractor, num_samples=num_samples, batch_size=64)
@@ -168,23 +159,23 @@ def _run_recording(digits, epochs=3, num_samples=150):
     return extractor, model, fid, trainer
 
 
-def test_real_statistics_are_computed_once_per_run(digits):
-    extractor, model, fid, _ = _run_recording(digits, epochs=3)
+def test_real_statistics_are_computed_once_per_run(digits, quiet_trainer):
+    extractor, model, fid, _ = _run_recording(quiet_trainer, digits, epochs=3)
     n_fake_calls = len(model.samples)  # 150 = 64 + 64 + 22 per epoch: 3 calls
     real_calls = len(extractor.seen) - n_fake_calls
     assert n_fake_calls == 9 and real_calls == 3  # val batches 64 + 64 + 22 in epoch 0 only
     assert int(fid.metric.real_features_num_samples) == 150
 
 
-def test_custom_extractor_gets_the_images_exactly_as_given(digits):
-    extractor, model, fid, _ = _run_recording(digits, epochs=1)
+def test_custom_extractor_gets_the_images_exactly_as_given(digits, quiet_trainer):
+    extractor, model, fid, _ = _run_recording(quiet_trainer, digits, epochs=1)
     val = torch.cat([x for x, _ in digits.val_dataloader()])[:150]
     seen_real, seen_fake = torch.cat(extractor.seen[:3]), torch.cat(extractor.seen[3:])
     assert seen_real.dtype == torch.float32 and torch.equal(seen_real, val)  # no uint8, no rescaling
     assert torch.equal(seen_fake, torch.cat(model.samples))
 
 
-def test_sanity_check_and_off_epochs_are_skipped(digits):
+def test_sanity_check_and_off_epochs_are_skipped(digits, quiet_trainer):
     extractor = Flatten(64)
     fid = FIDCallback(feature_extractor=extractor, num_samples=64, every_n_epochs=2)
     trainer = quiet_trainer(max_epochs=3, num_sanity_val_steps=2, callbacks=[fid])
@@ -204,7 +195,7 @@ def test_metric_keeps_real_statistics_across_reset():
 
 # ---- the protocol and the domain extractor ----------------------------------------------
 
-def test_module_with_only_sample_gets_fid_logged(digits, domain_path):
+def test_module_with_only_sample_gets_fid_logged(digits, domain_path, quiet_trainer):
     fid = FIDCallback(feature_extractor="domain", num_samples=200, feature_path=domain_path)
     trainer = quiet_trainer(max_epochs=2, callbacks=[fid])
     trainer.fit(SampleOnly(), datamodule=digits)
@@ -212,13 +203,13 @@ def test_module_with_only_sample_gets_fid_logged(digits, domain_path):
     assert torch.isfinite(trainer.callback_metrics["val/fid_digits"]) and fid.last_value > 0
 
 
-def test_module_without_sample_gets_a_clear_type_error(digits):
+def test_module_without_sample_gets_a_clear_type_error(digits, quiet_trainer):
     trainer = quiet_trainer(max_epochs=1, callbacks=[FIDCallback(feature_extractor=Flatten(64))])
     with pytest.raises(TypeError, match=r"FIDCallback needs .*sample\(num_samples\)"):
         trainer.fit(NoSample(), datamodule=digits)
 
 
-def test_domain_extractor_needs_a_labelled_datamodule():
+def test_domain_extractor_needs_a_labelled_datamodule(quiet_trainer):
     loader = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)), batch_size=4)
     trainer = quiet_trainer(max_epochs=1, callbacks=[FIDCallback(feature_extractor="domain")])
     with pytest.raises(ValueError, match="num_classes"):
@@ -277,7 +268,7 @@ def test_inception_features_adapt_grey_images_in_minus_one_one():
     assert seen[0, 0].flatten().tolist() == [0, 128, 255, 191] and torch.equal(seen[0, 0], seen[0, 2])
 
 
-def test_inception_offline_error_names_the_file_and_both_remedies(monkeypatch, tmp_path):
+def test_inception_offline_error_names_the_file_and_both_remedies(monkeypatch, tmp_path, quiet_trainer):
     pytest.importorskip("torch_fidelity")
     import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 

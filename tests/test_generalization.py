@@ -15,13 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import callbacks.generalization as generalization
 from callbacks.generalization import GeneralizationGapCallback, draw_samples
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Data(L.LightningDataModule):
@@ -149,5 +143,5 @@ def test_errors_name_what_is_missing():
         )
     with pytest.raises(ValueError, match="split prefix"):
         GeneralizationGapCallback(objective="val/primal")
-    with pytest.raises(ValueError, match="l2sq, l2, l1"):
+    with pytest.raises(ValueError, match=r"Valid choices: l2, l2sq, l1"):
         GeneralizationGapCallback(cost="cosine")

@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.collections import LineCollection
 from PIL import Image
 from torch import nn
@@ -24,25 +24,28 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.utils import make_grid
 
 import callbacks.reconstruction as reconstruction
+from callbacks.base import frozen_eval
 from callbacks.images import SampleGridCallback
 from callbacks.reconstruction import (
     LatentInterpolationCallback,
     ReconstructionGridCallback,
-    frozen_eval,
     interpolate_codes,
     interpolation_figure,
     reconstruction_figure,
 )
-from train import cli_main
+from cli.command import cli_main
+from helpers import ImageLogger, TrivialModule
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSCALE = 4  # image_grid enlarges 8x8 images to 32x32 (min_side=32)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-# ---- a module with known maps, a logger that takes images, a quiet trainer ---------------------
+
+# ---- a module with known maps and a quiet fit -----------------------------------------------------
 
 
-class NegatingAE(L.LightningModule):
+class NegatingAE(TrivialModule):
     """encode(x) = x / 2 (flattened), decode(z) = -2 z: decode(encode(x)) = -x, and the decoded
     line between codes of x_a and x_b is -((1 - t) x_a + t x_b). `noise` > 0 adds noise * N(0, I)
     to the codes (a stochastic encoder). Records (training, grad enabled) at every encode call."""
@@ -50,7 +53,6 @@ class NegatingAE(L.LightningModule):
     def __init__(self, shape=(1, 8, 8), noise: float = 0.0) -> None:
         super().__init__()
         self.shape, self.noise = tuple(shape), noise
-        self.layer = nn.Linear(2, 1)  # trained on a constant so that the Trainer has parameters
         self.calls: list[tuple[bool, bool]] = []
 
     def encode(self, x):
@@ -63,15 +65,6 @@ class NegatingAE(L.LightningModule):
 
     def sample(self, num_samples):
         return self.decode(torch.rand(num_samples, int(np.prod(self.shape))) - 0.5)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(torch.ones(1, 2)).square().sum()
-
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 class SampleOnly(NegatingAE):
@@ -89,47 +82,19 @@ class TupleEncoder(NegatingAE):
         return x.flatten(1), x.flatten(1)  # (mean, log variance), VAE-style
 
 
-class ImageLogger(Logger):
-    """Records every `log_image` call; raises in it when `fail`."""
+@pytest.fixture
+def fit(quiet_trainer, tmp_path):
+    """`fit(model, callbacks, val_data, max_epochs=1, logger=False, shuffle=False, **overrides)`: one
+    training batch per epoch, validation batches of 4 from `val_data`, files below tmp_path."""
 
-    def __init__(self, root: Path, fail: bool = False) -> None:
-        super().__init__()
-        self.root, self.fail = root, fail
-        self.images: list[tuple[str, torch.Tensor, int]] = []
+    def run(model, callbacks, val_data, max_epochs=1, logger=False, shuffle=False, **kwargs) -> L.Trainer:
+        trainer = quiet_trainer(logger=logger, max_epochs=max_epochs, limit_train_batches=1, default_root_dir=tmp_path,
+                                callbacks=callbacks, **kwargs)
+        train = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=2)
+        trainer.fit(model, train, DataLoader(val_data, batch_size=4, shuffle=shuffle))
+        return trainer
 
-    @property
-    def name(self):
-        return "image_logger"
-
-    @property
-    def version(self):
-        return 0
-
-    @property
-    def save_dir(self):
-        return str(self.root)
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_image(self, key, images, step=None):
-        if self.fail:
-            raise RuntimeError("image service down")
-        self.images.append((key, images[0].clone(), step))
-
-
-def fit(model, callbacks, val_data, root, max_epochs=1, logger=False, shuffle=False, **kwargs) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, max_epochs=max_epochs, limit_train_batches=1, default_root_dir=root,
-        callbacks=callbacks, **kwargs,
-    )
-    train = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=2)
-    trainer.fit(model, train, DataLoader(val_data, batch_size=4, shuffle=shuffle))
-    return trainer
+    return run
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -156,10 +121,10 @@ def tile(array: np.ndarray, row: int, col: int, side: int = 8 * UPSCALE, padding
 # ---- the pictures, pixel by pixel --------------------------------------------------------------
 
 
-def test_reconstruction_grid_alternates_originals_and_reconstructions(tmp_path):
+def test_reconstruction_grid_alternates_originals_and_reconstructions(tmp_path, fit):
     x = images(10)
     callback = ReconstructionGridCallback(num_images=10, nrow=4)
-    fit(NegatingAE(), [callback], TensorDataset(x, torch.zeros(10)), tmp_path)  # (x, y) batches
+    fit(NegatingAE(), [callback], TensorDataset(x, torch.zeros(10)))  # (x, y) batches
     assert callback.last_path == str(tmp_path / "images" / "reconstructions_epoch=0000.png")
 
     white = torch.ones(2, 1, 8, 8)  # the short last row is padded with blank tiles
@@ -173,12 +138,12 @@ def test_reconstruction_grid_alternates_originals_and_reconstructions(tmp_path):
     assert np.abs(got - identity).max() > 100
 
 
-def test_interpolation_grid_is_the_decoded_straight_line(tmp_path):
+def test_interpolation_grid_is_the_decoded_straight_line(tmp_path, fit):
     x = images(8, seed=1)
     pairs, steps = 3, 5
     callback = LatentInterpolationCallback(num_pairs=pairs, steps=steps)
     model = NegatingAE()
-    fit(model, [callback], x, tmp_path)  # plain tensor batches
+    fit(model, [callback], x)  # plain tensor batches
     got = read_png(tmp_path / "images" / "interpolation_epoch=0000.png")
 
     x_a, x_b = x[:pairs].double(), x[pairs : 2 * pairs].double()
@@ -203,11 +168,11 @@ def test_interpolate_codes_exact_ends_and_linear():
         interpolate_codes(z_a, z_b[:2], 4)
 
 
-def test_held_out_images_are_fixed_for_the_whole_run(tmp_path):
+def test_held_out_images_are_fixed_for_the_whole_run(tmp_path, fit):
     x = images(32, seed=2)
     callback = ReconstructionGridCallback(num_images=4, nrow=4)
     torch.manual_seed(0)
-    fit(NegatingAE(), [callback], x, tmp_path, max_epochs=3, shuffle=True)  # other batches each epoch
+    fit(NegatingAE(), [callback], x, max_epochs=3, shuffle=True)  # other batches each epoch
     first, last = (read_png(tmp_path / "images" / f"reconstructions_epoch={e:04d}.png") for e in (0, 2))
     assert np.array_equal(first, last)
     held_out = callback.held_out
@@ -215,10 +180,10 @@ def test_held_out_images_are_fixed_for_the_whole_run(tmp_path):
     assert any(torch.equal(held_out[0], row) for row in x)
 
 
-def test_a_small_validation_set_is_not_topped_up_in_later_epochs(tmp_path):
+def test_a_small_validation_set_is_not_topped_up_in_later_epochs(tmp_path, fit):
     x = images(6, seed=3)
     callback = ReconstructionGridCallback(num_images=8, nrow=4)
-    fit(NegatingAE(), [callback], x, tmp_path, max_epochs=3)
+    fit(NegatingAE(), [callback], x, max_epochs=3)
     assert torch.equal(callback.held_out, x)  # all 6, once: not 8 with repeats from epoch 1
     first, last = (read_png(tmp_path / "images" / f"reconstructions_epoch={e:04d}.png") for e in (0, 2))
     assert np.array_equal(first, last)
@@ -228,14 +193,14 @@ def test_a_small_validation_set_is_not_topped_up_in_later_epochs(tmp_path):
 
 
 @pytest.mark.parametrize("callback_class", [ReconstructionGridCallback, LatentInterpolationCallback])
-def test_module_without_encode_decode_gets_a_type_error_at_setup(tmp_path, callback_class):
+def test_module_without_encode_decode_gets_a_type_error_at_setup(callback_class, fit):
     with pytest.raises(TypeError, match=r"encode\(x\) -> Tensor, decode\(z\) -> Tensor.*SampleOnly does not"):
-        fit(SampleOnly(), [callback_class()], images(4), tmp_path)
+        fit(SampleOnly(), [callback_class()], images(4))
 
 
-def test_encode_returning_a_tuple_is_named(tmp_path):
+def test_encode_returning_a_tuple_is_named(fit):
     with pytest.raises(TypeError, match="encode\\(x\\) must return one Tensor of codes, got tuple"):
-        fit(TupleEncoder(), [ReconstructionGridCallback(num_images=4)], images(4), tmp_path)
+        fit(TupleEncoder(), [ReconstructionGridCallback(num_images=4)], images(4))
 
 
 @pytest.mark.parametrize(
@@ -258,14 +223,14 @@ def test_interpolation_needs_two_steps():
 
 
 @pytest.mark.parametrize("every_n_epochs, max_epochs, due", [(1, 2, [0, 1]), (2, 5, [1, 3])])
-def test_files_once_per_due_epoch_and_nothing_in_the_sanity_check(tmp_path, every_n_epochs, max_epochs, due):
+def test_files_once_per_due_epoch_and_nothing_in_the_sanity_check(tmp_path, every_n_epochs, max_epochs, due, fit):
     logger = ImageLogger(tmp_path)
     cbs = [
         ReconstructionGridCallback(num_images=4, every_n_epochs=every_n_epochs),
         LatentInterpolationCallback(num_pairs=2, steps=3, every_n_epochs=every_n_epochs),
         SampleGridCallback(num_samples=4, every_n_epochs=every_n_epochs),
     ]
-    fit(NegatingAE(), cbs, images(8), tmp_path, max_epochs=max_epochs, logger=logger, num_sanity_val_steps=2)
+    fit(NegatingAE(), cbs, images(8), max_epochs=max_epochs, logger=logger, num_sanity_val_steps=2)
     names = {f"{stem}_epoch={e:04d}.png" for stem in ("reconstructions", "interpolation", "samples") for e in due}
     assert set(p.name for p in (tmp_path / "images").iterdir()) == names
     # one image per due epoch and key: a sanity-check picture would be one more call
@@ -278,13 +243,13 @@ def test_files_once_per_due_epoch_and_nothing_in_the_sanity_check(tmp_path, ever
     assert np.array_equal(png, (image * 255 + 0.5).clamp(0, 255).floor().permute(1, 2, 0).numpy().astype(np.int64))
 
 
-def test_csv_tensorboard_and_a_failing_logger(tmp_path):
+def test_csv_tensorboard_and_a_failing_logger(tmp_path, fit):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     csv, tensorboard = CSVLogger(tmp_path / "csv"), TensorBoardLogger(tmp_path / "tb")
     callback = ReconstructionGridCallback(num_images=4)
     with pytest.warns(UserWarning, match="ImageLogger could not log the image 'reconstructions'.*image service down"):
-        trainer = fit(NegatingAE(), [callback], images(4), tmp_path, max_epochs=2,
+        trainer = fit(NegatingAE(), [callback], images(4), max_epochs=2,
                       logger=[csv, tensorboard, ImageLogger(tmp_path, fail=True)])
     assert trainer.state.finished and trainer.current_epoch == 2
     assert (Path(csv.log_dir) / "images" / "reconstructions_epoch=0001.png").is_file()  # the CSV run's record
@@ -296,10 +261,10 @@ def test_csv_tensorboard_and_a_failing_logger(tmp_path):
 # ---- randomness and modes -------------------------------------------------------------------------
 
 
-def test_callbacks_leave_rng_and_modes_alone_and_repeat_a_stochastic_encoder(tmp_path):
+def test_callbacks_leave_rng_and_modes_alone_and_repeat_a_stochastic_encoder(fit):
     model = NegatingAE(noise=0.3)
     cbs = [ReconstructionGridCallback(num_images=4), LatentInterpolationCallback(num_pairs=2, steps=3)]
-    trainer = fit(model, cbs, images(8), tmp_path)
+    trainer = fit(model, cbs, images(8))
     assert model.calls and all(call == (False, False) for call in model.calls)  # eval mode, no grad
     model.train()
     model.layer.eval()  # a submodule frozen in eval mode must stay so
@@ -331,7 +296,7 @@ def test_frozen_eval_restores_each_submodule_and_the_rng():
 # ---- 2-D points ----------------------------------------------------------------------------------
 
 
-def test_points_get_scatter_plots_of_the_right_data(tmp_path, monkeypatch):
+def test_points_get_scatter_plots_of_the_right_data(tmp_path, monkeypatch, fit):
     points = torch.randn(40, 2, generator=torch.Generator().manual_seed(4))
     seen = {}
     for name in ("reconstruction_figure", "interpolation_figure"):
@@ -344,7 +309,7 @@ def test_points_get_scatter_plots_of_the_right_data(tmp_path, monkeypatch):
         monkeypatch.setattr(reconstruction, name, spy)
     logger = ImageLogger(tmp_path)
     cbs = [ReconstructionGridCallback(num_images=16), LatentInterpolationCallback(num_pairs=3, steps=4, num_data_points=30)]
-    fit(NegatingAE(shape=(2,)), cbs, points, tmp_path, logger=logger)
+    fit(NegatingAE(shape=(2,)), cbs, points, logger=logger)
 
     for stem in ("reconstructions", "interpolation"):
         with Image.open(tmp_path / "images" / f"{stem}_epoch=0000.png") as png:
@@ -376,9 +341,9 @@ def test_figures_draw_the_segments_and_paths_they_are_given():
 
 
 @pytest.mark.parametrize("data", ["DigitsDataModule", "GaussianMixtureDataModule"])  # images, 2-D points
-def test_cli_config_with_a_real_wae(tmp_path, monkeypatch, data):
+@pytest.mark.usefixtures("in_tmp_dir")
+def test_cli_config_with_a_real_wae(tmp_path, data):
     # limits of 2, not 1: the CLI reads limit_*_batches 1 as the float 1.0, i.e. all batches
-    monkeypatch.chdir(tmp_path)
     config = tmp_path / "callbacks.yaml"
     config.write_text(
         "trainer:\n"
@@ -402,8 +367,6 @@ def test_cli_config_with_a_real_wae(tmp_path, monkeypatch, data):
 # ---- two DDP processes (gloo on CPU) -----------------------------------------------------------
 
 DDP_SCRIPT = """
-import sys
-sys.path.insert(0, {root!r})
 import lightning as L, torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -439,9 +402,10 @@ def test_two_ddp_processes_finish_and_rank_zero_writes(tmp_path):
     """trainer.log_dir broadcasts: called on rank zero only, rank zero waits for a rank that has
     moved on (the SampleGridCallback of before did so and crashed or hung under DDP)."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path / "logs"))))
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(out=str(tmp_path / "logs"))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
     try:
         out, _ = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:

@@ -10,38 +10,21 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from lightning_modules.divergences import DIVERGENCE_NAMES, get_divergence
-from lightning_modules.latent_divergence import (
+from helpers import REFERENCE_F, reference_generators
+from maths.divergences import DIVERGENCE_NAMES, get_divergence
+from maths.gaussian_codes import (
     LOG_VAR_RANGE,
+    batch_monte_carlo_divergence,
     f_of_log_ratio,
-    importance_weighted_f,
     gaussian_code_parameters,
+    importance_weighted_f,
     mixture_log_density,
     monte_carlo_divergence,
     prior_log_density,
     sample_mixture,
 )
 
-# f written out independently of the registry (numpy), with the registry's conventions.
-REFERENCE_F = {
-    "kl": lambda u: u * np.log(u),
-    "reverse_kl": lambda u: -np.log(u),
-    "pearson": lambda u: (u - 1) ** 2,
-    "neyman": lambda u: (1 - u) ** 2 / u,
-    "hellinger": lambda u: (np.sqrt(u) - 1) ** 2,
-    "jensen_shannon": lambda u: u * np.log(u) - (u + 1) * np.log((u + 1) / 2),
-    "gan": lambda u: u * np.log(u) - (u + 1) * np.log(u + 1),
-    "total_variation": lambda u: abs(u - 1) / 2,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine one thread runs these vector operations about 10x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # vector operations: ~10x faster than on two shared threads
 
 
 def gen(seed: int) -> torch.Generator:
@@ -51,16 +34,7 @@ def gen(seed: int) -> torch.Generator:
 # ---- building blocks ---------------------------------------------------------------------------
 
 
-MP_F = {  # f at high precision (mpmath, 50 digits), for the large ratios where float64 formulas cancel
-    "kl": lambda u: u * mpmath.log(u),
-    "reverse_kl": lambda u: -mpmath.log(u),
-    "pearson": lambda u: (u - 1) ** 2,
-    "neyman": lambda u: (1 - u) ** 2 / u,
-    "hellinger": lambda u: (mpmath.sqrt(u) - 1) ** 2,
-    "jensen_shannon": lambda u: u * mpmath.log(u) - (u + 1) * mpmath.log((u + 1) / 2),
-    "gan": lambda u: u * mpmath.log(u) - (u + 1) * mpmath.log(u + 1),
-    "total_variation": lambda u: abs(u - 1) / 2,
-}
+MP_F = reference_generators(mpmath.log, mpmath.sqrt)  # f at 50 digits, for the large ratios where float64 formulas cancel
 
 
 @pytest.mark.parametrize("name", DIVERGENCE_NAMES)
@@ -280,8 +254,6 @@ def test_bad_arguments_are_clear_errors():
 def batch_estimates(name: str, mean: torch.Tensor, log_var: torch.Tensor, runs: int, num_prior: int, seed: int):
     """`runs` independent batch estimates (one reparameterised draw per component each) and the
     gradients of each with respect to mean and log_var (leaves of shape (N, d), expanded or not)."""
-    from lightning_modules.latent_divergence import batch_monte_carlo_divergence
-
     torch.manual_seed(seed)
     values, grad_mean, grad_log_var = [], [], []
     for _ in range(runs):
@@ -329,8 +301,6 @@ def test_batch_estimate_gradient_is_the_gradient_of_the_divergence(name):
 
 
 def test_batch_estimate_refuses_mismatched_shapes():
-    from lightning_modules.latent_divergence import batch_monte_carlo_divergence
-
     mean = torch.zeros(4, 2)
     with pytest.raises(ValueError, match="one shape"):
         batch_monte_carlo_divergence("kl", mean, mean, torch.zeros(3, 2), torch.zeros(5, 2))

@@ -9,22 +9,11 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from lightning_modules.lipschitz import (
-    _top_eigenvalue,
-    empirical_lipschitz,
-    linear_operator_norm,
-    lipschitz_upper_bound,
-)
-from lightning_modules.networks import MaxMin, Squeeze, build_critic
+from lightning_modules.networks import build_critic
+from maths.layers import MaxMin, Squeeze
+from maths.lipschitz import _top_eigenvalue, empirical_lipschitz, linear_operator_norm, lipschitz_upper_bound
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 convolutions are ~1000x slower with 2 threads on a shared, loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 convolutions: ~1000x slower on 2 threads
 
 
 def explicit_singular_values(linear_map, input_shape):

@@ -7,18 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from lightning_modules.losses import (
-    COST_NAMES,
-    DEFAULT_KERNEL_SCALES,
-    KERNEL_NAMES,
-    PRIOR_NAMES,
-    cost,
-    kernel_matrix,
-    mmd_unbiased,
-    pairwise_cost,
-    prior_variance,
-    sample_prior,
-)
+from maths.mmd import DEFAULT_KERNEL_SCALES, KERNEL_NAMES, kernel_matrix, mmd_unbiased
+from maths.priors import PRIOR_NAMES, prior_variance, sample_prior
+from transport.costs import COST_NAMES, cost, pairwise_cost
 
 
 def _t(x):

@@ -7,8 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.modes import ModeCoverageCallback, count_covered_modes, mode_coverage
+from callbacks.modes import ModeCoverageCallback, count_covered_modes, coverage_from_counts, mode_coverage
+from datamodules import DigitsDataModule
 from datamodules.toy2d import GaussianMixtureDataModule, mixture_centers
+from helpers import TrivialModule
 
 
 def brute_force_coverage(samples, centers, std, min_fraction=0.02, num_std=3.0):
@@ -109,64 +111,49 @@ def test_bad_input_is_named(samples, centers, kwargs, message):
 # ---- the callback ------------------------------------------------------------------------------
 
 
-class MixtureSampler(L.LightningModule):
+class MixtureSampler(TrivialModule):
     """A 'model' that samples the true mixture restricted to the first `modes` centres."""
 
     def __init__(self, centers: torch.Tensor, std: float, modes: int) -> None:
         super().__init__()
         self.centers, self.std, self.modes = centers, std, modes
-        self.layer = torch.nn.Linear(2, 1)
 
     def sample(self, num_samples: int) -> torch.Tensor:
         y = torch.randint(self.modes, (num_samples,))
         return self.centers[y] + self.std * torch.randn(num_samples, 2)
 
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
 
-    def validation_step(self, batch, batch_idx):
-        pass
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)
-
-
-def test_callback_logs_modes_of_a_datamodule_mixture():
+def test_callback_logs_modes_of_a_datamodule_mixture(quiet_trainer):
     L.seed_everything(0)
     dm = GaussianMixtureDataModule(num_samples=64, num_val_samples=64, batch_size=64)
     callback = ModeCoverageCallback(num_samples=4000)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     trainer.fit(MixtureSampler(dm.centers, dm.std, modes=5), datamodule=dm)
     assert trainer.callback_metrics["val/modes_covered"].item() == 5
     assert trainer.callback_metrics["val/high_quality_fraction"].item() == pytest.approx(1 - math.exp(-4.5), abs=0.02)
     assert callback.last.covered.tolist() == [True] * 5 + [False] * 3
 
 
-def test_callback_without_centres_says_what_to_pass():
-    from datamodules import DigitsDataModule
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, fast_dev_run=True, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[ModeCoverageCallback()])
+def test_callback_without_centres_says_what_to_pass(quiet_trainer):
+    trainer = quiet_trainer(fast_dev_run=True, callbacks=[ModeCoverageCallback()])
     model = MixtureSampler(RING.float(), 0.02, modes=8)
     with pytest.raises(ValueError, match="centers=.*GaussianMixtureDataModule"):
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=8))
 
 
-def test_callback_needs_sample():
+def test_callback_needs_sample(quiet_trainer):
     class NoSample(L.LightningModule):
         pass
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer = quiet_trainer()
     with pytest.raises(TypeError, match="sample"):
         ModeCoverageCallback(centers=RING.tolist(), std=0.02).setup(trainer, NoSample(), "fit")
 
 
-def test_callback_sampling_leaves_the_training_random_stream_untouched():
+def test_callback_sampling_leaves_the_training_random_stream_untouched(quiet_trainer):
     dm = GaussianMixtureDataModule(num_samples=64, num_val_samples=64, batch_size=64)
     callback = ModeCoverageCallback(num_samples=500, seed=3)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = quiet_trainer(max_epochs=1, callbacks=[callback])
     model = MixtureSampler(dm.centers, dm.std, modes=8)
     trainer.fit(model, datamodule=dm)
     first = callback.last.counts.clone()
@@ -179,8 +166,6 @@ def test_callback_sampling_leaves_the_training_random_stream_untouched():
 
 
 def test_coverage_from_counts_sums_like_one_big_sample():
-    from callbacks.modes import coverage_from_counts
-
     generator = torch.Generator().manual_seed(0)
     samples = RING[torch.randint(0, 3, (600,), generator=generator)] + 0.02 * torch.randn(600, 2, generator=generator, dtype=torch.float64)
     halves = [mode_coverage(part, RING, 0.02) for part in samples.split(300)]

@@ -19,15 +19,18 @@ import pytest
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from cli.checkpoints import AtomicCheckpointIO, newest_last_checkpoint
+from cli.command import cli_main
 from probes import ROOT, run_train
-from lightning_modules.checkpoints import AtomicCheckpointIO, newest_last_checkpoint
-from train import cli_main
 
 TINY = [
     "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2", "--trainer.check_val_every_n_epoch", "1",
     "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.deterministic", "true",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
 ]
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the runs in this process (the subprocesses take OMP_NUM_THREADS=1)
 
 
 def fit_args(config: str, out: Path, epochs: int, *extra: str) -> list[str]:

@@ -13,27 +13,16 @@ import numpy as np
 import ot
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.sinkhorn import (
-    SinkhornBoundCallback,
-    WassersteinBound,
-    WassersteinBracket,
-    exact_wasserstein,
-    sinkhorn_upper_bound,
-    wasserstein_bracket,
-)
-from callbacks.transport import CostMatrix, certify, flatten_samples, sinkhorn
+from callbacks.sinkhorn import SinkhornBoundCallback, WassersteinBound
+from helpers import TrivialModule
+from transport.bracket import WassersteinBracket, exact_wasserstein, sinkhorn_upper_bound, wasserstein_bracket
+from transport.costs import flatten_samples
+from transport.matrix import CostMatrix
+from transport.sinkhorn import certify, sinkhorn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On the shared 2-core machine two torch threads ran these solvers 3-10x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # two torch threads ran these solvers 3-10x slower on 2 shared cores
 
 
 def clouds(n: int, m: int, d: int, seed: int = 0, shift: float = 0.3, scale: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +161,7 @@ def test_bad_input_errors():
     x, y = clouds(10, 10, 3)
     with pytest.raises(ValueError, match="same number of features"):
         wasserstein_bracket(x, torch.randn(10, 4))
-    with pytest.raises(ValueError, match="l2sq, l2, l1"):
+    with pytest.raises(ValueError, match=r"Unknown cost 'cosine'\. Valid choices: l2, l2sq, l1\."):
         sinkhorn_upper_bound(x, y, cost="cosine")
     with pytest.raises(ValueError, match="NaN"):
         wasserstein_bracket(x, torch.full((10, 3), math.nan))
@@ -188,6 +177,19 @@ def test_exact_without_pot_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ot", None)  # `import ot` now raises ModuleNotFoundError
     with pytest.raises(ModuleNotFoundError, match=r'pip install POT.*pip install -e "\.\[test\]"'):
         exact_wasserstein(*clouds(5, 5, 2))
+
+
+def test_callbacks_and_transport_reexport_the_same_objects():
+    import callbacks
+    import callbacks.sinkhorn
+    import transport
+    import transport.bracket
+
+    assert callbacks.wasserstein_bracket is callbacks.sinkhorn.wasserstein_bracket is transport.bracket.wasserstein_bracket
+    assert callbacks.sinkhorn_upper_bound is callbacks.sinkhorn.sinkhorn_upper_bound is transport.bracket.sinkhorn_upper_bound
+    assert callbacks.WassersteinBracket is transport.WassersteinBracket is transport.bracket.WassersteinBracket
+    assert callbacks.WassersteinBound is WassersteinBound and callbacks.SinkhornBoundCallback is SinkhornBoundCallback
+    assert transport.wasserstein_bracket is wasserstein_bracket and transport.exact_wasserstein is exact_wasserstein
 
 
 # ---- the Metric ------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def test_exact_auto_uses_pot_for_small_sets_and_sinkhorn_for_large_ones(monkeypa
     x, y = clouds(60, 50, 3, seed=2)
     auto = wasserstein_bracket(x, y, "l2", exact="auto")
     assert auto.lower == auto.upper == pytest.approx(exact_wasserstein(x, y, "l2"), rel=1e-12)
-    monkeypatch.setattr("callbacks.sinkhorn.EXACT_AUTO_ENTRIES", 60 * 50 - 1)
+    monkeypatch.setattr("transport.bracket.EXACT_AUTO_ENTRIES", 60 * 50 - 1)
     bracket = wasserstein_bracket(x, y, "l2", exact="auto", max_seconds=None)
     assert bracket.eps > 0 and bracket.lower <= auto.lower <= bracket.upper
     with pytest.raises(ValueError, match="auto"):
@@ -225,15 +227,14 @@ def test_exact_auto_uses_pot_for_small_sets_and_sinkhorn_for_large_ones(monkeypa
 # ---- the callback in a real Trainer.fit ------------------------------------------------------------
 
 
-class SampleOnly(L.LightningModule):
-    """Only `sample(n)` (Gaussian samples N(shift, 1) of shape (1, 2, 2)) and a trivial
-    training step; it records what it generated and, if asked, logs a primal value."""
+class SampleOnly(TrivialModule):
+    """Only `sample(n)` (Gaussian samples N(shift, 1) of shape (1, 2, 2)) and a trivial training
+    step that draws random numbers; it records what it generated and, if asked, logs a primal value."""
 
     def __init__(self, shift: float = 1.0, primal: float | None = None, cost: str | None = None) -> None:
         super().__init__()
         if cost is not None:
             self.save_hyperparameters("cost")
-        self.layer = nn.Linear(2, 1)
         self.shift, self.primal = shift, primal
         self.samples: list[torch.Tensor] = []
         self.train_draws: list[torch.Tensor] = []
@@ -250,9 +251,6 @@ class SampleOnly(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         if self.primal is not None:
             self.log("val/primal", self.primal)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 class NoSample(SampleOnly):
@@ -283,7 +281,7 @@ def test_callback_logs_certified_bracket_on_sample_only_module():
     trainer = fit(model, [callback])
     metrics = trainer.callback_metrics
     real = loaders()[2][:70]  # the first 70 validation samples, kept for the run
-    assert torch.equal(callback._real[0], real)
+    assert torch.equal(callback.held_out, real)
     # epoch 2's generated samples: 70 in calls of 30, 30, 10, seeded identically every epoch
     assert [len(s) for s in model.samples] == [30, 30, 10] * 2
     fake = torch.cat(model.samples[3:])

@@ -1,7 +1,7 @@
 """The generator trained by entropic optimal transport: the loss against POT (both costs, both
 objectives), its gradient against finite differences, which objective bounds W_c, the certified
-bracket it logs against exact transport, training on the ring of 8 Gaussians, checkpoints,
-matching of data and samples, bad input, and the digits config through the CLI."""
+bracket that SinkhornBoundCallback logs on it against exact transport, training on the ring of 8
+Gaussians, checkpoints, matching of data and samples, bad input, and the configs through the CLI."""
 
 import copy
 import math
@@ -12,9 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from callbacks import SinkhornBoundCallback
 from callbacks.modes import mode_coverage
+from cli.command import cli_main
 from datamodules import DigitsDataModule, GaussianMixtureDataModule
-from lightning_modules.sinkhorn_generator import SinkhornGenerator, temperature, transport_loss
+from lightning_modules import NonFiniteError
+from lightning_modules.sinkhorn_generator import SinkhornGenerator
+from transport.entropic import blur_to_eps, transport_loss
 
 ot = pytest.importorskip("ot")
 
@@ -22,19 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COSTS = ("l2sq", "l2")
 OBJECTIVES = ("entropic", "sinkhorn_divergence")
 
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    return L.Trainer(accelerator="cpu", devices=1, **{**defaults, **kwargs})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Problems this small run faster on one thread, and a shared machine wastes the second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # problems this small run faster on one thread
 
 
 # ---- the loss against POT ----------------------------------------------------------------------
@@ -76,7 +68,7 @@ def test_loss_matches_pot_at_the_same_temperature(cost, objective):
     x = torch.randn(12, 3, generator=g, dtype=torch.float64)
     y = 0.7 * torch.randn(15, 3, generator=g, dtype=torch.float64) + 0.4
     blur = 1.0
-    eps = temperature(blur, cost)
+    eps = blur_to_eps(blur, cost)
     assert eps == (2 * blur**2 if cost == "l2sq" else blur)
     value = transport_loss(x, y, cost, blur, objective, scaling=0.99).item()  # eps-scaling close to converged
     xn, yn = x.numpy(), y.numpy()
@@ -160,7 +152,9 @@ def test_images_are_flattened_to_vectors():
 
 @pytest.mark.parametrize("objective, key, bound", [("entropic", "ot_entropic", 1.0),
                                                    ("sinkhorn_divergence", "sinkhorn_divergence", 0.0)])
-def test_fast_dev_run_logs_the_objective_under_its_honest_name(objective, key, bound):
+def test_fast_dev_run_logs_the_objective_under_its_honest_name(objective, key, bound, quiet_trainer):
+    """The module logs its objective and whether it bounds W_c, nothing else: the bracket on W_c
+    is SinkhornBoundCallback's (see the next test)."""
     model = SinkhornGenerator(data_shape=(1, 8, 8), latent_dim=4, width=8, objective=objective, blur=0.5)
     trainer = quiet_trainer(fast_dev_run=True)
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
@@ -169,21 +163,25 @@ def test_fast_dev_run_logs_the_objective_under_its_honest_name(objective, key, b
     other = "sinkhorn_divergence" if key == "ot_entropic" else "ot_entropic"
     assert f"train/{other}" not in metrics and f"val/{other}" not in metrics
     assert metrics["val/objective_is_upper_bound"].item() == bound
-    assert metrics["val/w_lower"] <= metrics["val/w_upper"] and metrics["val/w_num_samples"].item() == 32
     assert ("NOT a bound" in model.describe_objective()) == (objective == "sinkhorn_divergence")
     tested = trainer.test(model, datamodule=DigitsDataModule(batch_size=32), verbose=False)[0]
-    assert tested["test/w_lower"] <= tested["test/w_upper"] and math.isfinite(tested[f"test/{key}"])
+    assert math.isfinite(tested[f"test/{key}"]) and tested["test/objective_is_upper_bound"] == bound
+    logged = set(metrics) | set(tested)
+    assert not [k for k in logged if "/w_" in k] and logged >= {f"val/{key}", f"test/{key}"}
 
 
 @pytest.mark.parametrize("cost", COSTS)
-def test_validation_bracket_contains_exact_transport_between_the_same_samples(cost):
-    """The bracket is logged between the first val_num_samples held-out points and samples drawn
-    with val_seed: rebuild both and compare with POT's exact W_c."""
+def test_validation_bracket_contains_exact_transport_between_the_same_samples(cost, quiet_trainer):
+    """SinkhornBoundCallback on the module logs the bracket between the first num_samples held-out
+    points and samples drawn with its seed, in the module's cost: rebuild both and compare with
+    POT's exact W_c."""
     L.seed_everything(0)
     dm = GaussianMixtureDataModule(num_samples=512, num_val_samples=300, batch_size=128)
-    model = SinkhornGenerator(data_shape=dm.dims, latent_dim=2, width=16, cost=cost, val_num_samples=150, val_seed=5)
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
+    model = SinkhornGenerator(data_shape=dm.dims, latent_dim=2, width=16, cost=cost)
+    bound = SinkhornBoundCallback(num_samples=150, seed=5, tol=0.01, max_seconds=None)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, callbacks=[bound])
     trainer.fit(model, datamodule=dm)  # held-out points from two validation batches of 128
+    assert bound.last_bracket.cost == cost
     metrics = trainer.callback_metrics
     real = torch.cat([x for x, _ in dm.val_dataloader()])[:150].double()
     fake = model.sample(150, generator=torch.Generator().manual_seed(5)).double()
@@ -192,10 +190,10 @@ def test_validation_bracket_contains_exact_transport_between_the_same_samples(co
     print(f"{cost}: {lower:.5f} <= exact {exact:.5f} <= {upper:.5f}")
     assert lower <= exact * (1 + 1e-5) and exact <= upper * (1 + 1e-5)  # logged as float32
     assert metrics["val/w_num_samples"].item() == 150
-    assert upper - lower <= 0.02 * upper  # val_tol = 0.01, float32 rounding aside
+    assert upper - lower <= 0.02 * upper  # tol = 0.01, float32 rounding aside
 
 
-def test_transport_batch_takes_the_first_points_of_a_larger_batch_and_refuses_a_smaller_one():
+def test_transport_batch_takes_the_first_points_of_a_larger_batch_and_refuses_a_smaller_one(quiet_trainer):
     model = SinkhornGenerator(data_shape=(2,), latent_dim=2, width=8, transport_batch_size=32)
     batch = torch.randn(64, 2)
     assert torch.equal(model.transport_batch(batch, 0), batch[:32])
@@ -210,9 +208,7 @@ def test_transport_batch_takes_the_first_points_of_a_larger_batch_and_refuses_a_
     assert seen == [(32, 32), (32, 32), (22, 22)]  # the short last batch is matched with 22 samples
 
 
-def test_a_non_finite_loss_stops_training_before_the_weights_change():
-    from lightning_modules.base import NonFiniteError
-
+def test_a_non_finite_loss_stops_training_before_the_weights_change(quiet_trainer):
     model = SinkhornGenerator(data_shape=(2,), latent_dim=2, width=8)
     before = [p.detach().clone() for p in model.parameters()]
     model.transport_objective = lambda real, fake: fake.sum() * float("nan")
@@ -222,7 +218,7 @@ def test_a_non_finite_loss_stops_training_before_the_weights_change():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_final_lr_is_reached_at_the_last_step():
+def test_final_lr_is_reached_at_the_last_step(quiet_trainer):
     model = SinkhornGenerator(data_shape=(2,), latent_dim=2, width=8, lr=1e-2, final_lr=1e-4)
     dm = GaussianMixtureDataModule(num_samples=256, num_val_samples=10, batch_size=64)
     trainer = quiet_trainer(max_epochs=2, limit_val_batches=0)
@@ -233,15 +229,10 @@ def test_final_lr_is_reached_at_the_last_step():
                                                                                  final_lr=1e-4), datamodule=dm)
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_checkpoint_round_trip(checkpoint_round_trip):
     model = SinkhornGenerator(data_shape=(1, 8, 8), latent_dim=4, width=8, cost="l2sq", objective="sinkhorn_divergence",
                               blur=0.3, transport_batch_size=16)
-    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1)
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-    trainer.save_checkpoint(tmp_path / "sinkhorn.ckpt")
-    loaded = SinkhornGenerator.load_from_checkpoint(tmp_path / "sinkhorn.ckpt")
-    z = torch.randn(4, loaded.latent_dim)
-    torch.testing.assert_close(loaded.eval().decode(z), model.eval().decode(z))
+    loaded = checkpoint_round_trip(model)
     assert (loaded.hparams.cost, loaded.hparams.objective, loaded.eps) == ("l2sq", "sinkhorn_divergence", 2 * 0.3**2)
     assert loaded.hparams.transport_batch_size == 16
 
@@ -259,17 +250,25 @@ def test_unknown_names_list_the_valid_ones(kwargs, listed):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(blur=0.0), "blur"), (dict(scaling=1.0), "scaling"), (dict(transport_batch_size=0), "transport_batch_size"),
-     (dict(val_num_samples=0), "val_num_samples"), (dict(val_tol=0.0), "val_tol"), (dict(final_lr=-1.0), "final_lr")],
+     (dict(final_lr=-1.0), "final_lr")],
 )
 def test_bad_numbers_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SinkhornGenerator(data_shape=(2,), latent_dim=2, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [(dict(num_samples=0), "num_samples"), (dict(tol=0.0), "tol"),
+                                             (dict(max_seconds=0.0), "max_seconds")])
+def test_bad_numbers_of_the_bracket_are_refused_by_its_callback(kwargs, message):
+    """The bracket's settings (once the module's val_num_samples, val_tol, val_max_seconds)."""
+    with pytest.raises(ValueError, match=message):
+        SinkhornBoundCallback(**kwargs)
+
+
 # ---- the ring of 8 Gaussians: every mode, and a certified bound 5x below the untrained one ------
 
 
-def test_ring_training_covers_every_mode_and_lowers_the_certified_bound():
+def test_ring_training_covers_every_mode_and_lowers_the_certified_bound(quiet_trainer):
     """400 steps (batches of 256, l2 cost, lr 3e-3 decaying to 1e-4) on the ring (radius 2, std
     0.02): about 5 s of CPU for training and 2 s per bracket; no time budget on the brackets, so the
     bounds do not depend on the machine's load. benchmarks/sinkhorn_generator_ring.py runs the
@@ -277,14 +276,15 @@ def test_ring_training_covers_every_mode_and_lowers_the_certified_bound():
     L.seed_everything(0)
     dm = GaussianMixtureDataModule(num_samples=10240, num_val_samples=1000, batch_size=256)
     model = SinkhornGenerator(data_shape=dm.dims, latent_dim=2, width=256, cost="l2", blur=0.05, lr=3e-3,
-                              final_lr=1e-4, val_max_seconds=None, val_tol=0.05)
+                              final_lr=1e-4)
     untrained = copy.deepcopy(model)  # same architecture and seed
     quiet_trainer(max_epochs=10, limit_val_batches=0).fit(model, datamodule=dm)
     samples = model.sample(2500, generator=torch.Generator().manual_seed(1))
     coverage = mode_coverage(samples, dm.centers, dm.std)
     upper = {}
     for name, m in [("trained", model), ("untrained", untrained)]:
-        metrics = quiet_trainer().validate(m, datamodule=dm, verbose=False)[0]
+        bound = SinkhornBoundCallback(num_samples=1000, tol=0.05, max_seconds=None)
+        metrics = quiet_trainer(callbacks=[bound]).validate(m, datamodule=dm, verbose=False)[0]
         upper[name] = metrics["val/w_upper"]
         assert metrics["val/w_lower"] <= metrics["val/w_upper"] and metrics["val/w_num_samples"] == 1000
     ratio = upper["untrained"] / upper["trained"]
@@ -298,10 +298,8 @@ def test_ring_training_covers_every_mode_and_lowers_the_certified_bound():
 # ---- the configs through the command line -------------------------------------------------------
 
 
-def test_sinkhorn_digits_config_writes_samples_and_checkpoints(tmp_path, monkeypatch, capsys):
-    from train import cli_main
-
-    monkeypatch.chdir(tmp_path)
+@pytest.mark.usefixtures("in_tmp_dir")  # the configs write runs/ below the working directory
+def test_sinkhorn_digits_config_writes_samples_and_checkpoints(tmp_path, capsys):
     out = tmp_path / "out"
     cli_main(["fit", "--config", str(ROOT / "configs" / "sinkhorn_digits.yaml"), "--trainer.max_epochs", "2",
               "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -318,12 +316,9 @@ def test_sinkhorn_digits_config_writes_samples_and_checkpoints(tmp_path, monkeyp
     assert not (tmp_path / "runs").exists()
 
 
-def test_sinkhorn_gaussians_config_logs_modes_and_the_bracket(tmp_path, monkeypatch):
-    from train import cli_main
-
-    monkeypatch.chdir(tmp_path)
-    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "sinkhorn_gaussians.yaml"),
-                    "--trainer.fast_dev_run", "true", "--model.init_args.val_max_seconds", "2"])
+@pytest.mark.usefixtures("in_tmp_dir")
+def test_sinkhorn_gaussians_config_logs_modes_and_the_bracket():
+    cli = cli_main(["fit", "--config", str(ROOT / "configs" / "sinkhorn_gaussians.yaml"), "--trainer.fast_dev_run", "true"])
     assert cli.model.data_shape == (2,) and cli.model.hparams.cost == "l2"
     metrics = cli.trainer.callback_metrics
     assert 0 <= metrics["val/modes_covered"].item() <= 8
