@@ -1,16 +1,19 @@
-"""What the benchmark scripts share: the process settings they time under, a description of the
-machine, medians of timed windows, child processes with peak-memory measurement, result files
-(CSV + JSON), Markdown tables, and pythae wrappers around the project's networks.
+"""What the benchmarks (and the studies) share: the process settings they time under, the configs
+they read, a bare Lightning Trainer, worker processes, result files (CSV + JSON + Markdown),
+Markdown tables and figures. The machine description is in `benchmarks.machine`, timing and child
+processes with their peak memory in `benchmarks.timing`, the pythae peer in `benchmarks.pythae_peer`.
 
-Process settings, the same for every contender of every script:
+Process settings, the same for every contender of every benchmark:
 - glibc's allocator: MALLOC_MMAP_THRESHOLD_=33554432 and MALLOC_TRIM_THRESHOLD_=2147483648.
   glibc reads them once at start-up, so `use_allocator_env()` re-executes the script with them
   when they are missing (set BENCH_KEEP_ENV=1 to keep the environment as it is; the result files
   record what was in effect). Without them, large temporaries are mapped and unmapped on every
-  call and page faults dominate some timings (MEASUREMENTS.md: 0.27 s vs 0.08 s for one solve).
+  call and page faults dominate some timings (docs/BENCHMARKS.md section 5).
 - torch threads: 2 (`torch.set_num_threads`), the machine the project targets.
 - denormal floats flushed to zero (`torch.set_flush_denormal(True)`): the project's models set
   it in `setup`, process-wide; setting it first gives every contender the same arithmetic.
+
+Scripts run from the repository root as modules (`python -m benchmarks.NAME`, `python -m studies.NAME`).
 """
 
 from __future__ import annotations
@@ -19,18 +22,15 @@ import csv
 import json
 import math
 import os
-import platform
-import resource
 import shlex
 import statistics
 import sys
-import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-if ROOT not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the repository
-    sys.path.insert(1, ROOT)
+# The digits domain feature extractor (FIDCallback's "domain" features), trained once and cached here.
+DIGITS_FEATURE_PATH = os.path.join(ROOT, "runs", "benchmarks", "fid_features_digits_1x8x8.pt")
 
 ALLOCATOR_ENV: dict[str, str] = {
     "MALLOC_MMAP_THRESHOLD_": "33554432",  # 32 MiB: smaller blocks come from the heap, not mmap
@@ -43,6 +43,15 @@ KEEP_ENV_VARIABLE = "BENCH_KEEP_ENV"
 # ---- process settings --------------------------------------------------------------------------
 
 
+def _main_arguments() -> list[str]:
+    """The arguments that start this process's main script again: `-m package.module ...` when it
+    runs as a module (the benchmarks do), else the script path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    return list(sys.argv)
+
+
 def use_allocator_env() -> None:
     """Re-execute this script under ALLOCATOR_ENV unless it already runs with it (or
     BENCH_KEEP_ENV=1). Call first thing in `main()`, before any heavy import."""
@@ -53,7 +62,7 @@ def use_allocator_env() -> None:
     env = {**os.environ, **ALLOCATOR_ENV}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.execve(sys.executable, [sys.executable, *_main_arguments()], env)
 
 
 def set_torch_threads(threads: int = THREADS) -> None:
@@ -80,247 +89,92 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def quiet_worker(threads: int = 1) -> None:
+    """A worker process that trains many small runs: `threads` torch threads (tiny networks run
+    best on one core each), no banners and no warnings (they would repeat once per run)."""
+    import warnings
+
+    set_torch_threads(threads)
+    quiet_lightning()
+    warnings.filterwarnings("ignore")
+
+
+def parse_benchmark_arguments(parser: Any, threads: int = THREADS) -> Any:
+    """Add `--out` (default benchmarks/results) to a benchmark's parser, parse the command line,
+    then apply the process settings: the allocator re-execution (after parsing, so that `--help`
+    does not re-execute) and `threads` torch threads."""
+    parser.add_argument("--out", default=RESULTS, help="folder of the result files")
+    args = parser.parse_args()
+    use_allocator_env()
+    set_torch_threads(threads)
+    return args
+
+
 def command_line() -> str:
-    """The command that ran this script, relative to the repository root."""
-    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
-    return " ".join(["python", shlex.quote(script), *map(shlex.quote, sys.argv[1:])])
+    """The command that ran this script, from the repository root."""
+    arguments = _main_arguments()
+    if arguments[0] != "-m":
+        arguments[0] = os.path.relpath(os.path.abspath(arguments[0]), ROOT)
+    return " ".join(["python", *map(shlex.quote, arguments)])
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+# ---- configs, training, workers ------------------------------------------------------------------
 
 
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    except OSError:
-        pass
-    return []
+def config_path(name: str) -> str:
+    """configs/<name>.yaml (a path ending in .yaml is returned as it is)."""
+    return name if name.endswith(".yaml") else os.path.join(ROOT, "configs", f"{name}.yaml")
 
 
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
+def read_config(name: str) -> dict[str, Any]:
+    """A train.py config as a dict ({} when the file is missing)."""
+    import yaml
 
-        return version(module)
-    except Exception:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, cores, memory, library versions, threads and allocator settings in effect, and the
-    load average and the cores other processes keep busy when called (a busy machine makes every
-    timing meaningless: check it)."""
-    import torch
-
-    try:
-        cores_usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores_usable = os.cpu_count()
-    try:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        memory_gib = float("nan")
-    return {
-        "cpu": _cpu_model(),
-        "cpu_flags": " ".join(_cpu_flags()),
-        "cores_visible": os.cpu_count(),
-        "cores_usable": cores_usable,
-        "memory_gib": round(memory_gib, 1),
-        "load_average_1m_5m_15m": [round(v, 2) for v in os.getloadavg()],
-        "busy_cores_at_start": busy_cores(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "lightning": _version("lightning"),
-        "torchmetrics": _version("torchmetrics"),
-        "geomloss": _version("geomloss"),
-        "POT": _version("POT"),
-        "pythae": _version("pythae"),
-        "allocator_env": {k: os.environ.get(k) for k in ALLOCATOR_ENV},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    path = config_path(name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        return yaml.safe_load(handle)
 
 
-def describe_machine(info: dict[str, Any]) -> str:
-    """One paragraph for a table caption."""
-    alloc = " ".join(f"{k}={v}" for k, v in info.get("allocator_env", {}).items())
-    load = info.get("load_average_1m_5m_15m")
-    return (
-        f"{info.get('cpu')} ({info.get('cores_usable')} usable cores, {info.get('memory_gib')} GiB), "
-        f"Python {info.get('python')}, torch {info.get('torch')} on {info.get('torch_threads')} threads, "
-        f"lightning {info.get('lightning')}, POT {info.get('POT')}, pythae {info.get('pythae')}; "
-        f"allocator: {alloc or 'glibc defaults'}; load average at start {load}, "
-        f"cores busy with other processes {info.get('busy_cores_at_start', 'not measured')}; {info.get('date')}"
-    )
+def config_parts(name: str) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """(model init_args, data init_args, trainer max_epochs) of a train.py config."""
+    config = read_config(name)
+    epochs = config.get("trainer", {}).get("max_epochs")
+    return (dict(config["model"].get("init_args") or {}), dict(config["data"].get("init_args") or {}),
+            None if epochs is None else int(epochs))
 
 
-def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
-    try:
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+def bare_trainer(**options: Any) -> Any:
+    """A one-process CPU `lightning.Trainer` with no logger, checkpoints, progress bar, model
+    summary or sanity check: what every benchmark and study trains with. `options` add to or
+    override these (max_epochs, callbacks, limit_val_batches, ...)."""
+    import lightning as L
+
+    settings: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    return L.Trainer(**{**settings, **options})
 
 
-def busy_cores(seconds: float = 1.0) -> float:
-    """How many cores other processes keep busy now, measured over `seconds` of sleep (this
-    process sleeps, so everything counted is someone else's). Unlike the load average, it does not
-    remember a benchmark that finished a minute ago. Falls back to the 1-minute load average."""
-    before = _cpu_times()
-    if before is None:
-        return os.getloadavg()[0]
-    time.sleep(seconds)
-    after = _cpu_times()
-    total = after[1] - before[1]
-    return round((after[0] - before[0]) / total * (os.cpu_count() or 1), 2) if total > 0 else 0.0
+def map_in_workers(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterator[Any]:
+    """fn(job) for every job in `workers` spawned processes, yielded in the jobs' order as they
+    finish. `fn` must be importable by name (a module-level function)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
 
-
-def check_quiet(threshold: float = 0.5) -> str | None:
-    """A warning line when other processes keep more than `threshold` cores busy."""
-    busy = busy_cores()
-    if busy > threshold:
-        return (f"WARNING: other processes keep {busy:.1f} of {os.cpu_count()} cores busy: "
-                "the timings below are not representative.")
-    return None
-
-
-# ---- timing --------------------------------------------------------------------------------------
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        yield from pool.map(fn, jobs)
 
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def window_rates(marks: Sequence[float], steps_per_window: int, items_per_step: int, skip: int) -> list[float]:
-    """Items per second of consecutive windows of `steps_per_window` steps, from `marks` (the
-    perf_counter time at the end of every step), ignoring the first `skip` steps (warm-up).
-    Window k spans the ends of steps skip + k * s and skip + (k + 1) * s (1-based counts)."""
-    rates = []
-    start = skip - 1  # index of the mark that opens the first window (end of the last warm-up step)
-    if start < 0:
-        raise ValueError("need at least one warm-up step, whose end opens the first window")
-    while start + steps_per_window < len(marks):
-        seconds = marks[start + steps_per_window] - marks[start]
-        rates.append(steps_per_window * items_per_step / seconds)
-        start += steps_per_window
-    return rates
-
-
-def time_repeats(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of `repeats` calls of fn after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def matmul_gflops(size: int = 4096, repeats: int = 5, dtype: str = "float32") -> float:
-    """Measured matmul rate (GFLOP/s, median of `repeats`) of two size x size matrices, on the
-    current torch threads: 2 size^3 FLOPs per product."""
-    import torch
-
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, dtype=getattr(torch, dtype))
-    out = torch.empty(size, size, dtype=a.dtype)
-    times = time_repeats(lambda: torch.matmul(a, b, out=out), repeats, warmup=1)
-    return 2 * size**3 / median(times) / 1e9
-
-
-# ---- child processes and their peak memory ----------------------------------------------------
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _child_entry(connection: Any, fn: Callable[..., dict], args: tuple, threads: int,
-                 prepare: Callable[..., Any] | None, prepare_args: tuple) -> None:
-    try:
-        set_torch_threads(threads)
-        if prepare is not None:
-            prepare(*prepare_args)  # imports and first-call set-up: not counted as the solve's memory
-        baseline = rss_bytes()
-        result = dict(fn(*args))
-        result["rss_baseline_mib"] = baseline / 2**20
-        result["rss_peak_mib"] = peak_rss_bytes() / 2**20
-        result["rss_peak_extra_mib"] = (peak_rss_bytes() - baseline) / 2**20
-        connection.send(("ok", result))
-    except BaseException as err:  # report, never hang the parent
-        connection.send(("error", f"{type(err).__name__}: {err}"))
-    finally:
-        connection.close()
-
-
-def run_in_child(fn: Callable[..., dict], args: tuple = (), timeout: float | None = None, threads: int = THREADS,
-                 prepare: Callable[..., Any] | None = None, prepare_args: tuple = ()) -> tuple[str, Any]:
-    """Run fn(*args) -> dict in a fresh (spawned) process, so that its peak memory is its own.
-
-    `prepare(*prepare_args)` runs first in the child (imports, a tiny warm-up call), then the
-    child's RSS is taken as the baseline. Returns ("ok", result) with `rss_baseline_mib`,
-    `rss_peak_mib` (ru_maxrss: the peak over the child's life, prepare included) and
-    `rss_peak_extra_mib` (peak minus baseline: what fn itself needed, when fn's peak is above
-    prepare's) added; ("timeout", None) when it ran past `timeout` seconds (the child is
-    terminated); ("error", message). `fn` and `prepare` must be importable by name (module-level
-    functions of the script or of this module).
-    """
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child_entry, args=(sender, fn, args, threads, prepare, prepare_args), daemon=True)
-    child.start()
-    sender.close()
-    status: tuple[str, Any]
-    if receiver.poll(timeout):
-        try:
-            status = receiver.recv()
-        except EOFError:
-            status = ("error", f"the child process died (exit code {child.exitcode}; out of memory?)")
-    else:
-        status = ("timeout", None)
-        child.terminate()
-    child.join(10)
-    if child.is_alive():
-        child.kill()
-        child.join()
-    return status
-
-
 # ---- result files and tables ----------------------------------------------------------------------
 
 
 def result_stem(name: str, quick: bool, out: str = RESULTS) -> str:
-    """benchmarks/results/<name>[_quick]: the path without its extension."""
+    """<out>/<name>[_quick]: the path without its extension (out defaults to benchmarks/results)."""
     os.makedirs(out, exist_ok=True)
     return os.path.join(out, name + ("_quick" if quick else ""))
 
@@ -356,12 +210,16 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
         handle.write("\n")
 
 
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text.rstrip("\n") + "\n")
+
+
 def write_report(stem: str, text: str, rows: Sequence[dict[str, Any]], payload: dict[str, Any]) -> None:
     """Print the report and write it to <stem>.md, its rows to <stem>.csv and `payload` to <stem>.json."""
     print(text)
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
-    with open(stem + ".md", "w") as handle:
-        handle.write(text + "\n")
+    write_text(stem + ".md", text)
     write_csv(stem + ".csv", rows)
     write_json(stem + ".json", payload)
 
@@ -388,6 +246,22 @@ def result_payload(name: str, quick: bool, settings: dict[str, Any], rows: list[
     }
 
 
+def publish(payload: dict[str, Any], table: str, out: str, csv_files: dict[str, Sequence[dict[str, Any]]] | None = None) -> str:
+    """Print a benchmark's table with its run time and machine, write <stem>.csv (the payload's rows,
+    or `csv_files` {suffix: rows}) and <stem>.json; returns the stem, for the script's own files."""
+    from benchmarks.machine import describe_machine
+
+    print()
+    print(table)
+    print(f"\n({payload['wall_seconds']:.0f} s; {describe_machine(payload['machine'])})")
+    stem = result_stem(payload["benchmark"], payload["quick"], out)
+    for suffix, rows in (csv_files or {"": payload["rows"]}).items():
+        write_csv(stem + suffix + ".csv", rows)
+    write_json(stem + ".json", payload)
+    print(f"wrote {stem}.json and its CSV files")
+    return stem
+
+
 def fmt(value: Any, spec: str = ".3g") -> str:
     """A table cell: numbers formatted with `spec`, None / NaN as a dash, strings as they are."""
     if value is None:
@@ -409,95 +283,22 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-# ---- pythae wrappers around the project's networks ------------------------------------------------
+# ---- figures ---------------------------------------------------------------------------------------
 
 
-def import_pythae() -> Any:
-    """The pythae package, or a ModuleNotFoundError that says how to install it."""
-    try:
-        import pythae  # noqa: F401
-        from pythae.models import WAE_MMD, WAE_MMD_Config  # noqa: F401
-        from pythae.trainers import BaseTrainer  # noqa: F401
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "This benchmark compares with pythae (the peer WAE library), an optional dependency: "
-            'pip install -e ".[bench]" (or pip install pythae). Skip the pythae rows with --no-pythae.'
-        ) from err
-    import logging
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
 
-    # pythae's modules attach their own INFO console handlers at import; keep its warnings only.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("pythae"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    return pythae
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def pythae_wae_mmd(encoder: Any, decoder: Any, data_shape: Sequence[int], latent_dim: int, lambda_: float) -> Any:
-    """pythae's WAE_MMD around the project's encoder and decoder modules, with the settings that
-    match `lightning_modules.wae.WAE(latent_penalty="mmd", kernel="imq", cost="l2sq",
-    prior="gaussian")`: kernel "imq", bandwidth 1 (so C = 2 d_z, the project's base scale for a
-    unit-variance prior), the WAE paper's scales (0.1 ... 10, the project's DEFAULT_KERNEL_SCALES),
-    reg_weight = lambda_, reconstruction loss scale 1 (pythae's loss is the squared error summed
-    over pixels, averaged over the batch: the project's l2sq cost)."""
-    import_pythae()
-    from pythae.models import WAE_MMD, WAE_MMD_Config
-    from pythae.models.base.base_utils import ModelOutput
-    from pythae.models.nn import BaseDecoder, BaseEncoder
-
-    from lightning_modules.losses import DEFAULT_KERNEL_SCALES
-
-    class Encoder(BaseEncoder):
-        def __init__(self, net: Any) -> None:
-            BaseEncoder.__init__(self)
-            self.net = net
-
-        def forward(self, x: Any) -> Any:
-            return ModelOutput(embedding=self.net(x))  # (B, d_z)
-
-    class Decoder(BaseDecoder):
-        def __init__(self, net: Any) -> None:
-            BaseDecoder.__init__(self)
-            self.net = net
-
-        def forward(self, z: Any) -> Any:
-            return ModelOutput(reconstruction=self.net(z))  # (B, C, H, W)
-
-    config = WAE_MMD_Config(
-        input_dim=tuple(data_shape), latent_dim=latent_dim, kernel_choice="imq", reg_weight=lambda_,
-        kernel_bandwidth=1.0, scales=list(DEFAULT_KERNEL_SCALES), reconstruction_loss_scale=1.0,
-    )
-    return WAE_MMD(config, encoder=Encoder(encoder), decoder=Decoder(decoder))
-
-
-PYTHAE_MATCHING = [
-    ("reconstruction cost", "sum over pixels of (x - G(E(x)))^2, batch mean (cost='l2sq')",
-     "F.mse_loss(reduction='none').sum(-1), batch mean, reconstruction_loss_scale=1", "equal"),
-    ("latent penalty", "unbiased MMD^2 U-statistic, cross term / (n m)", "the same estimator", "equal"),
-    ("kernel", "IMQ summed over scales (0.1, 0.2, 0.5, 1, 2, 5, 10) x C, C = 2 d_z",
-     "kernel_choice='imq', scales as ours, kernel_bandwidth=1 -> C = 2 d_z", "equal"),
-    ("kernel arithmetic", "squared distances by the Gram expansion |x|^2 + |y|^2 - 2 x.y (one matmul)",
-     "torch.norm of the (B, B, d_z) difference tensor, squared", "differs (same value to rounding)"),
-    ("lambda", "lambda_=10", "reg_weight=10", "equal"),
-    ("prior", "N(0, I) codes drawn per step", "torch.randn_like(z) per step", "equal"),
-    ("networks", "the project's encoder / decoder builders", "the same modules wrapped in BaseEncoder / BaseDecoder",
-     "equal"),
-    ("optimiser", "Adam(lr=1e-3, betas=(0.5, 0.999)) on encoder + decoder", "the same", "equal"),
-    ("batch input", "a tensor from the DataLoader", "a DatasetOutput dict (data=...) as pythae's forward needs",
-     "differs (a dict per step)"),
-]
-
-
-def draw_ring_panel(ax: Any, point_sets: Sequence[tuple[Sequence[Sequence[float]], str | None]],
-                    centers: Sequence[Sequence[float]], title: str) -> None:
-    """One square panel of 2-D points on [-3, 3]^2 (the ring of 8 Gaussians has radius 2): each
-    (points, label) set as a scatter (non-finite points dropped), the mixture centres as red
-    crosses, and the title."""
-    for points, label in point_sets:
-        finite = [p for p in points if all(map(math.isfinite, p))]
-        if finite:
-            ax.scatter(*zip(*finite), s=2, alpha=0.4, label=label)
-    ax.scatter(*zip(*centers), s=14, c="red", marker="x")
-    ax.set_xlim(-3, 3)
-    ax.set_ylim(-3, 3)
-    ax.set_aspect("equal")
-    ax.set_title(title, fontsize=8)
+def save_figure(fig: Any, path: str, dpi: int = 80, tight: bool = True) -> None:
+    """Lay the figure out, write it to `path` and free it."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

@@ -1,4 +1,4 @@
-"""What the FID and Sinkhorn callbacks cost per validation, against a digits training epoch (SPEC 5, 6).
+"""What the FID and Sinkhorn callbacks cost per validation, against a digits training epoch (docs/theory.md 5, 6).
 
 The WAE of configs/wae_digits.yaml (WAE-MMD, width 64, latent 8, batch 64, 8x8 digits; its
 SampleGridCallback, logger and checkpointing left out) is trained for `--epochs` epochs:
@@ -22,8 +22,8 @@ The domain feature extractor is trained once (500 steps) and cached in
 runs/benchmarks/fid_features_digits_1x8x8.pt (its training time is reported, not counted).
 Process settings as in benchmarks/common.py (2 threads, glibc allocator settings re-exec).
 
-    python benchmarks/fid_cost.py --quick      # 4 epochs per run: about a minute
-    python benchmarks/fid_cost.py              # 10 epochs per run
+    python -m benchmarks.fid_cost --quick      # 4 epochs per run
+    python -m benchmarks.fid_cost              # 10 epochs per run
 
 Writes benchmarks/results/fid_cost[_quick].csv and .json.
 """
@@ -33,26 +33,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import machine_at_start
 
 NAME = "fid_cost"
-CONFIG = os.path.join(common.ROOT, "configs", "wae_digits.yaml")
-FEATURE_PATH = os.path.join(common.ROOT, "runs", "benchmarks", "fid_features_digits_1x8x8.pt")
+CONFIG = "wae_digits"
+FEATURE_PATH = common.DIGITS_FEATURE_PATH
 SAMPLE_COUNTS = (1000, 5000, 10000)
-
-
-def load_settings() -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model init_args, data init_args) of configs/wae_digits.yaml."""
-    import yaml
-
-    with open(CONFIG) as handle:
-        config = yaml.safe_load(handle)
-    return dict(config["model"]["init_args"]), dict(config["data"]["init_args"])
 
 
 def timed(callback_cls: type) -> type:
@@ -87,7 +77,7 @@ def train(epochs: int, callbacks: list[Any], data_overrides: dict[str, Any] | No
     from datamodules import DigitsDataModule
     from lightning_modules.wae import WAE
 
-    model_args, data_args = load_settings()
+    model_args, data_args, _ = common.config_parts(CONFIG)
     L.seed_everything(0, verbose=False)
     datamodule = DigitsDataModule(**{**data_args, **(data_overrides or {})})
     model = WAE(data_shape=datamodule.dims, **model_args)
@@ -100,11 +90,8 @@ def train(epochs: int, callbacks: list[Any], data_overrides: dict[str, Any] | No
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             epoch_seconds.append(time.perf_counter() - self.start)  # the validation loop ran inside
 
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=os.path.join(common.ROOT, "runs", "benchmarks"), callbacks=[*callbacks, EpochTimer()],
-    )
+    trainer = common.bare_trainer(max_epochs=epochs, default_root_dir=os.path.join(common.ROOT, "runs", "benchmarks"),
+                                  callbacks=[*callbacks, EpochTimer()])
     trainer.fit(model, datamodule=datamodule)
     return model, epoch_seconds
 
@@ -115,7 +102,7 @@ def feature_extractor() -> tuple[Any, float | None]:
     from callbacks.features import load_domain_features, load_or_train_domain_features
     from datamodules import DigitsDataModule
 
-    datamodule = DigitsDataModule(**load_settings()[1])
+    datamodule = DigitsDataModule(**common.config_parts(CONFIG)[1])
     datamodule.setup("fit")
     if load_domain_features(FEATURE_PATH, datamodule.dims, datamodule.num_classes) is not None:
         return load_or_train_domain_features(datamodule, FEATURE_PATH), None
@@ -220,32 +207,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="epochs per run (default 10; quick 4); the first is not counted")
     parser.add_argument("--samples", type=int, nargs="+", default=list(SAMPLE_COUNTS))
     parser.add_argument("--split-repeats", type=int, default=3)
-    parser.add_argument("--out", default=common.RESULTS)
-    args = parser.parse_args()
-    common.use_allocator_env()
-    common.set_torch_threads()
+    args = common.parse_benchmark_arguments(parser)
     args.epochs = args.epochs or (4 if args.quick else 10)
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is not counted)")
     common.quiet_lightning()
 
     start = time.time()
-    machine = common.machine_info()
-    warning = common.check_quiet()
-    if warning:
-        print(warning)
+    machine = machine_at_start()
     rows, summary = run(args)
     elapsed = time.time() - start
     settings = {"epochs": args.epochs, "samples": args.samples, "split_repeats": args.split_repeats,
-                "config": os.path.relpath(CONFIG, common.ROOT)}
+                "config": f"configs/{CONFIG}.yaml"}
     payload = common.result_payload(NAME, args.quick, settings, rows, summary, machine, elapsed)
-    print()
-    print(table(payload))
-    print(f"\n({elapsed:.0f} s; {common.describe_machine(machine)})")
-    stem = common.result_stem(NAME, args.quick, args.out)
-    common.write_csv(stem + ".csv", rows)
-    common.write_json(stem + ".json", payload)
-    print(f"wrote {stem}.csv and {stem}.json")
+    common.publish(payload, table(payload), args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ After training, `--num-samples` (1437) samples are drawn (fixed latent seed) and
   features (callbacks.features, the features of `FIDCallback(feature_extractor="domain")`,
   val/fid_digits; NOT Inception FID);
 - the certified Sinkhorn bracket `wasserstein_bracket(train, samples, cost="l2sq", tol=0.01)`
-  (SPEC 5): `w_upper` >= W_c(train, samples) >= `w_lower`, c = |x - y|^2 on pixels in [-1, 1].
+  (docs/theory.md 5): `w_upper` >= W_c(train, samples) >= `w_lower`, c = |x - y|^2 on pixels in [-1, 1].
 Reference row: the 360 held-out images (validation + test split) in place of samples (n = 360,
 so its FID is biased upward relative to the models' n = 1437: a floor, not a target).
 
@@ -32,8 +32,8 @@ row's settings: lambda 10, IMQ, lr 1e-3, betas (0.5, 0.999), batch 64).
 Jobs run in `--workers` processes of `--threads` torch threads each (default 2 x 1: tiny networks
 gain more from two processes than from two threads). Timings here are not benchmarks.
 
-    python benchmarks/quality.py --quick       # 10 epochs, 3 seeds, 2 workers: a few minutes
-    python benchmarks/quality.py               # 50 epochs (the wae_digits config's), 3 seeds
+    python -m benchmarks.quality --quick       # 10 epochs, 3 seeds, 2 workers
+    python -m benchmarks.quality               # 50 epochs (the wae_digits config's), 3 seeds
 
 Writes benchmarks/results/quality[_quick].csv (one row per model and seed), .json, and .png
 (64 samples of each model, seed 0, side by side, with the data).
@@ -43,24 +43,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from statistics import mean, stdev
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import machine_info
+from benchmarks.pythae_peer import import_pythae
+from benchmarks.quality_runs import BATCH_SIZE, COST, WIDTH, digits, import_class, reference_row, train_one
 
 NAME = "quality"
-FEATURE_PATH = os.path.join(common.ROOT, "runs", "benchmarks", "fid_features_digits_1x8x8.pt")
-BATCH_SIZE = 64
-WIDTH = 64
 CRITIC_WIDTH = 64
 LATENT_CRITIC = {"width": 256, "depth": 3}
-COST = "l2sq"
 
 # name, digits config to start from, class path (None: the config's), overrides of its init_args.
 MODELS: list[tuple[str, str, str | None, dict[str, Any]]] = [
@@ -78,15 +72,9 @@ MODELS: list[tuple[str, str, str | None, dict[str, Any]]] = [
 
 
 def load_config(name: str) -> tuple[str, dict[str, Any]]:
-    """(class path, init_args) of configs/<name>.yaml; (None, {}) when the file is missing."""
-    import yaml
-
-    path = os.path.join(common.ROOT, "configs", f"{name}.yaml")
-    if not os.path.exists(path):
-        return "", {}
-    with open(path) as handle:
-        model = yaml.safe_load(handle)["model"]
-    return model["class_path"], dict(model.get("init_args") or {})
+    """(class path, init_args) of configs/<name>.yaml; ("", {}) when the file is missing."""
+    model = common.read_config(name).get("model", {})
+    return model.get("class_path", ""), dict(model.get("init_args") or {})
 
 
 def equal_budget(class_path: str, init_args: dict[str, Any]) -> dict[str, Any]:
@@ -107,13 +95,6 @@ def equal_budget(class_path: str, init_args: dict[str, Any]) -> dict[str, Any]:
     return {**init_args, **{k: v for k, v in wanted.items() if k in params}}
 
 
-def import_class(class_path: str) -> type:
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def model_jobs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(jobs, skipped models with the reason)."""
     jobs, skipped = [], []
@@ -126,7 +107,7 @@ def model_jobs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
                 skipped.append({"model": name, "note": "skipped: --no-pythae"})
                 continue
             try:
-                common.import_pythae()
+                import_pythae()
             except ModuleNotFoundError as err:
                 skipped.append({"model": name, "note": f"skipped: {err}"})
                 continue
@@ -148,177 +129,6 @@ def model_jobs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
                          "epochs": args.epochs, "num_samples": args.num_samples, "threads": args.threads,
                          "keep_samples": seed == args.seeds[0], "bracket_seconds": args.bracket_seconds})
     return jobs, skipped
-
-
-# ---- one training run (in a worker process) -------------------------------------------------------
-
-
-def quiet() -> None:
-    import warnings
-
-    common.quiet_lightning()
-    warnings.filterwarnings("ignore")
-
-
-def digits(seed: int = 0) -> Any:
-    from datamodules import DigitsDataModule
-
-    datamodule = DigitsDataModule(batch_size=BATCH_SIZE, seed=seed)
-    datamodule.setup("fit")
-    return datamodule
-
-
-def split_images(subset: Any) -> Any:
-    import torch
-
-    return torch.stack([subset[i][0] for i in range(len(subset))])  # (N, 1, 8, 8)
-
-
-def train_lightning(job: dict[str, Any], datamodule: Any) -> Any:
-    import lightning as L
-
-    cls = import_class(job["class_path"])
-    model = cls(data_shape=datamodule.dims, **job["init_args"])
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=job["epochs"], limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=os.path.join(common.ROOT, "runs", "benchmarks"),
-    )
-    trainer.fit(model, datamodule=datamodule)
-    return lambda n, generator: model.sample(n, generator=generator)
-
-
-def train_pythae(job: dict[str, Any], datamodule: Any) -> Any:
-    """pythae's WAE_MMD with the WAE-MMD row's networks and settings, trained by its BaseTrainer."""
-    import contextlib
-    import io
-    import tempfile
-
-    import torch
-    from pythae.data.datasets import BaseDataset
-    from pythae.trainers import BaseTrainer, BaseTrainerConfig
-
-    from lightning_modules.networks import build_decoder, build_encoder
-
-    a = job["init_args"]
-    shape, latent = datamodule.dims, a["latent_dim"]
-    model = common.pythae_wae_mmd(build_encoder(shape, latent, WIDTH), build_decoder(shape, latent, WIDTH, None, "tanh"),
-                                  shape, latent, a["lambda_"])
-    train = datamodule.train_set
-    dataset = BaseDataset(split_images(train), torch.stack([train[i][1] for i in range(len(train))]))
-    with tempfile.TemporaryDirectory(prefix="pythae_quality_") as out, contextlib.redirect_stderr(io.StringIO()):
-        config = BaseTrainerConfig(output_dir=out, num_epochs=job["epochs"], per_device_train_batch_size=BATCH_SIZE,
-                                   learning_rate=a["lr"], optimizer_params={"betas": tuple(a["betas"])}, no_cuda=True,
-                                   seed=job["seed"])
-        trainer = BaseTrainer(model, train_dataset=dataset, training_config=config)
-        trainer.train()
-    model = trainer.model.eval()  # the last epoch's weights, as for the other models
-
-    @torch.no_grad()
-    def sample(n: int, generator: Any) -> Any:
-        z = torch.randn(n, latent, generator=generator)
-        return model.decoder(z)["reconstruction"]
-
-    return sample
-
-
-def train_one(job: dict[str, Any]) -> dict[str, Any]:
-    """One training run and its evaluation; a failure becomes a row with its `error`, so that one
-    broken model does not stop the table."""
-    import traceback
-
-    try:
-        return _train_one(job)
-    except Exception as err:  # reported in the table and the CSV
-        traceback.print_exc()
-        return {"model": job["model"], "seed": job["seed"], "epochs": job["epochs"], "train_seconds": float("nan"),
-                "finite": False, "samples": None, "fid": None, "w_lower": None, "w_upper": None, "w_converged": None,
-                "w_relative_width": None, "w_held_out": None, "error": f"{type(err).__name__}: {err}"}
-
-
-def _train_one(job: dict[str, Any]) -> dict[str, Any]:
-    import lightning as L
-    import torch
-
-    from callbacks.features import load_domain_features
-    from callbacks.fid import FrechetFeatureDistance
-    from callbacks.sinkhorn import wasserstein_bracket
-
-    common.set_torch_threads(job["threads"])
-    quiet()
-    L.seed_everything(job["seed"], verbose=False)
-    datamodule = digits()
-    start = time.perf_counter()
-    if job["class_path"] == "pythae":
-        common.import_pythae()
-        sample = train_pythae(job, datamodule)
-    else:
-        sample = train_lightning(job, datamodule)
-    seconds = time.perf_counter() - start
-    generator = torch.Generator().manual_seed(10_000 + job["seed"])
-    samples = torch.cat([sample(min(500, job["num_samples"] - i), generator).detach()
-                         for i in range(0, job["num_samples"], 500)])  # (n, 1, 8, 8)
-    result = {k: job[k] for k in ("model", "seed", "epochs")}
-    result.update(train_seconds=seconds, finite=bool(torch.isfinite(samples).all()),
-                  samples=samples[:64].tolist() if job["keep_samples"] else None)
-    result.update(evaluate(samples, split_images(datamodule.train_set), job["bracket_seconds"],
-                           load_domain_features(FEATURE_PATH), FrechetFeatureDistance, wasserstein_bracket))
-    result["w_held_out"] = held_out_distance(samples, held_out_images(datamodule))
-    return result
-
-
-def held_out_images(datamodule: Any) -> Any:
-    """The validation + test images, (360, 1, 8, 8)."""
-    import torch
-
-    datamodule.setup("test")
-    return torch.cat([split_images(datamodule.val_set), split_images(datamodule.test_set)])
-
-
-def held_out_distance(samples: Any, held_out: Any) -> float | None:
-    """Exact W_c (POT, cost COST) between the held-out images and as many samples (None when non-finite)."""
-    import torch
-
-    from callbacks.sinkhorn import exact_wasserstein
-
-    first = samples[: len(held_out)].double()
-    if not torch.isfinite(first).all():
-        return None
-    return exact_wasserstein(held_out.double(), first, COST)
-
-
-def evaluate(samples: Any, real: Any, bracket_seconds: float, extractor: Any, fid_cls: Any, bracket_fn: Any) -> dict[str, Any]:
-    """Domain FID and the certified bracket between real images and samples (None when non-finite)."""
-    import torch
-
-    if extractor is None:
-        raise FileNotFoundError(f"the digits domain feature extractor {FEATURE_PATH} is missing; the parent trains it")
-    if not torch.isfinite(samples).all():
-        return {"fid": None, "w_lower": None, "w_upper": None, "w_converged": None, "w_relative_width": None}
-    metric = fid_cls(extractor)
-    with torch.inference_mode():
-        metric.update(real, real=True)
-        metric.update(samples.float(), real=False)
-        fid = float(metric.compute())
-    bracket = bracket_fn(real, samples, cost=COST, tol=0.01, max_seconds=bracket_seconds)
-    return {"fid": fid, "w_lower": bracket.lower, "w_upper": bracket.upper, "w_converged": bracket.converged,
-            "w_relative_width": bracket.relative_width}
-
-
-def reference_row(bracket_seconds: float) -> dict[str, Any]:
-    """The held-out images (validation + test splits) in place of samples."""
-    from callbacks.features import load_domain_features
-    from callbacks.fid import FrechetFeatureDistance
-    from callbacks.sinkhorn import wasserstein_bracket
-
-    datamodule = digits()
-    held_out = held_out_images(datamodule)
-    row = {"model": f"data: held-out images (n = {len(held_out)})", "seed": 0, "epochs": 0, "train_seconds": 0.0,
-           "finite": True, "samples": held_out[:64].tolist()}
-    row.update(evaluate(held_out, split_images(datamodule.train_set), bracket_seconds, load_domain_features(FEATURE_PATH),
-                        FrechetFeatureDistance, wasserstein_bracket))
-    row["w_held_out"] = held_out_distance(split_images(datamodule.train_set)[: len(held_out)], held_out)
-    return row
 
 
 # ---- summary, table, plot -----------------------------------------------------------------------
@@ -405,12 +215,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
     from torchvision.utils import make_grid
+
+    plt = common.pyplot()
 
     shown = [r for r in results if r.get("samples") is not None]
     cols = min(6, len(shown))
@@ -426,8 +234,7 @@ def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
         ax.set_title(f"{r['model']}\n{fid}", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()), h_pad=1.5)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110, tight=False)
 
 
 def main() -> None:
@@ -441,9 +248,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no-pythae", action="store_true")
-    parser.add_argument("--out", default=common.RESULTS)
-    args = parser.parse_args()
-    common.use_allocator_env()
+    args = common.parse_benchmark_arguments(parser)
     common.set_torch_threads(args.threads)
     args.epochs = args.epochs or (10 if args.quick else 50)
     known = [m[0] for m in MODELS]
@@ -451,23 +256,22 @@ def main() -> None:
         parser.error(f"unknown models {sorted(set(args.models) - set(known))}; valid: {known}")
 
     start = time.time()
-    machine = common.machine_info()
-    quiet()
+    machine = machine_info()
+    common.quiet_worker(args.threads)
     from callbacks.features import load_or_train_domain_features
 
-    load_or_train_domain_features(digits(), FEATURE_PATH)  # once, before the workers read it
+    load_or_train_domain_features(digits(), common.DIGITS_FEATURE_PATH)  # once, before the workers read it
     jobs, skipped = model_jobs(args)
     for s in skipped:
         print(f"{s['model']}: {s['note']}")
     print(f"{len(jobs)} runs, {args.epochs} epochs each, {args.workers} worker(s) x {args.threads} thread(s)", flush=True)
     results = [reference_row(args.bracket_seconds)]
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
-        for r in pool.map(train_one, jobs):
-            results.append(r)
-            fid = (f"FAILED: {r['error']}" if r.get("error") else "diverged" if r["fid"] is None
-                   else f"FID {r['fid']:.3f}, W upper {r['w_upper']:.3f}")
-            print(f"[{len(results) - 1}/{len(jobs)}] {r['model']:<26} seed {r['seed']}: {fid} "
-                  f"({r['train_seconds']:.0f} s training)", flush=True)
+    for r in common.map_in_workers(train_one, jobs, args.workers):
+        results.append(r)
+        fid = (f"FAILED: {r['error']}" if r.get("error") else "diverged" if r["fid"] is None
+               else f"FID {r['fid']:.3f}, W upper {r['w_upper']:.3f}")
+        print(f"[{len(results) - 1}/{len(jobs)}] {r['model']:<26} seed {r['seed']}: {fid} "
+              f"({r['train_seconds']:.0f} s training)", flush=True)
     elapsed = time.time() - start
     summary = summarize(results, skipped)
     settings = {"epochs": args.epochs, "seeds": args.seeds, "num_samples": args.num_samples, "batch_size": BATCH_SIZE,
@@ -476,14 +280,9 @@ def main() -> None:
                 "init_args": {j["model"]: j["init_args"] for j in jobs}}
     rows = [{k: v for k, v in r.items() if k != "samples"} for r in results]
     payload = common.result_payload(NAME, args.quick, settings, rows, summary, machine, elapsed)
-    print()
-    print(table(payload))
-    print(f"\n({elapsed:.0f} s; {common.describe_machine(machine)})")
-    stem = common.result_stem(NAME, args.quick, args.out)
-    common.write_csv(stem + ".csv", rows)
-    common.write_json(stem + ".json", payload)
+    stem = common.publish(payload, table(payload), args.out)
     plot(results, stem + ".png", f"64 samples per model (seed {args.seeds[0]}, {args.epochs} epochs); domain FID of that seed")
-    print(f"wrote {stem}.csv, {stem}.json and {stem}.png")
+    print(f"wrote {stem}.png")
 
 
 if __name__ == "__main__":

@@ -1,30 +1,35 @@
 """Run every benchmark of docs/BENCHMARKS.md and regenerate that page from the result files.
 
-    python benchmarks/run_all.py --quick        # every table at small budgets (target: under 15 minutes on 2 cores)
-    python benchmarks/run_all.py                # the full settings
-    python benchmarks/run_all.py --docs-only    # only rewrite docs/BENCHMARKS.md from benchmarks/results/
+    python -m benchmarks.run_all --quick        # every table at small budgets (target: under 15 minutes on 2 cores)
+    python -m benchmarks.run_all                # the full settings
+    python -m benchmarks.run_all --docs-only    # only rewrite docs/BENCHMARKS.md from benchmarks/results/
 
-Each script runs in its own process (each re-executes itself with the glibc allocator settings of
-benchmarks/common.py) and writes benchmarks/results/<name>[_quick].{csv,json} (+ .png). The wall
-time of each script is recorded in benchmarks/results/run_all[_quick].json. The page shows, per
-benchmark, the full-settings results when they exist, else the quick ones, with the machine they
-ran on and the exact command; do not edit its tables by hand.
+Each benchmark runs in its own process (`python -m benchmarks.NAME`, which re-executes itself with
+the glibc allocator settings of benchmarks/common.py) and writes
+benchmarks/results/<name>[_quick].{csv,json} (+ .png). The wall time of each is recorded in
+benchmarks/results/run_all[_quick].json. The page shows, per benchmark, the full-settings results
+when they exist, else the quick ones, with the machine they ran on and the exact command; do not
+edit its tables by hand. Figures recorded by hand (training times of the configs, the figures
+behind the benchmarks' settings), benchmarks/results/hand_recorded.md, close the page.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import re
 import subprocess
 import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import check_quiet, describe_machine, machine_info
 
 SCRIPTS = ("throughput", "transport", "fid_cost", "quality")
 DOCS = os.path.join(common.ROOT, "docs", "BENCHMARKS.md")
+HAND_RECORDED = "hand_recorded.md"  # the page's last section, written by hand, in the results folder
 TITLES = {
     "throughput": "1. Training throughput: WAE-MMD at 28x28 against a plain loop, pythae and the CPU's roof",
     "transport": "2. Certified Wasserstein bracket against POT: time, memory, tightness",
@@ -37,12 +42,12 @@ def run_scripts(names: list[str], quick: bool, out: str) -> dict[str, Any]:
     """Run the scripts one after the other; returns {name: {seconds, returncode, command}}."""
     record: dict[str, Any] = {}
     for name in names:
-        argv = [sys.executable, os.path.join(common.ROOT, "benchmarks", f"{name}.py")]
+        argv = [sys.executable, "-m", f"benchmarks.{name}"]
         if os.path.abspath(out) != os.path.abspath(common.RESULTS):
             argv += ["--out", out]
         if quick:
             argv.append("--quick")
-        command = " ".join(["python", f"benchmarks/{name}.py", *(["--quick"] if quick else [])])
+        command = " ".join(["python", "-m", f"benchmarks.{name}", *(["--quick"] if quick else [])])
         print(f"\n=== {command}", flush=True)
         start = time.time()
         code = subprocess.call(argv, cwd=common.ROOT)
@@ -61,34 +66,36 @@ def _load(name: str, out: str) -> dict[str, Any] | None:
     return None
 
 
+def current_command(command: str) -> str:
+    """A recorded command in today's form: result files written before the benchmarks became a
+    package record `python benchmarks/NAME.py ...`, run today as `python -m benchmarks.NAME ...`."""
+    return re.sub(r"^python (benchmarks|studies)/(\w+)\.py\b", r"python -m \1.\2", command)
+
+
 def what_it_measures(docstring: str) -> str:
     """A script's docstring without its title line and from its usage block on."""
     paragraphs = docstring.strip().split("\n\n")[1:]
     kept = []
     for paragraph in paragraphs:
-        if paragraph.startswith("    python"):
+        if paragraph.startswith("    python -m"):
             break
         kept.append(paragraph)
     return "\n\n".join(kept)
 
 
 def _section(name: str, payload: dict[str, Any] | None, out: str) -> list[str]:
-    import fid_cost
-    import quality
-    import throughput
-    import transport
-
-    module = {"throughput": throughput, "transport": transport, "fid_cost": fid_cost, "quality": quality}[name]
+    module = importlib.import_module(f"benchmarks.{name}")
     lines = [f"## {TITLES[name]}", "", what_it_measures(module.__doc__ or ""), ""]
     if name == "throughput":
-        lines += ["How pythae's WAE_MMD is matched to this project's WAE:", "", throughput.matching_table(), ""]
+        lines += ["How pythae's WAE_MMD is matched to this project's WAE:", "", module.matching_table(), ""]
     if payload is None:
-        return lines + [f"No results yet: run `python benchmarks/{name}.py` (or `--quick`).", ""]
-    words = payload["command"].split()[2:]
+        return lines + [f"No results yet: run `python -m benchmarks.{name}` (or `--quick`).", ""]
+    command = current_command(payload["command"])
+    words = command.split()[3:]  # after "python -m benchmarks.NAME"
     flags = [w for i, w in enumerate(words) if w != "--quick" and w != "--out" and (i == 0 or words[i - 1] != "--out")]
     settings = "custom budgets" if flags else ("quick budgets" if payload.get("quick") else "full budgets")
-    lines += [f"Command: `{payload['command']}` ({settings}, {payload['wall_seconds']:.0f} s).", "",
-              f"Machine: {common.describe_machine(payload['machine'])}.", ""]
+    lines += [f"Command: `{command}` ({settings}, {payload['wall_seconds']:.0f} s).", "",
+              f"Machine: {describe_machine(payload['machine'])}.", ""]
     busy = payload["machine"].get("busy_cores_at_start")
     if busy is None:  # results written before busy_cores existed: the load average is all there is
         busy = (payload["machine"].get("load_average_1m_5m_15m") or [0])[0]
@@ -109,17 +116,18 @@ def render_docs(out: str) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Generated by `python benchmarks/run_all.py` from the files in `benchmarks/results/`: rerun it to "
+        "Generated by `python -m benchmarks.run_all` from the files in `benchmarks/results/`: rerun it to "
         "refresh this page, do not edit the tables by hand. Each section names the machine and the exact command "
-        "of its numbers. The test suite makes no timing assertions; timings live here.",
+        "of its numbers. The test suite makes no timing assertions; timings live here. The research studies "
+        "(the primal-dual chain, the lambda limits, mode coverage, ...) are in [STUDIES.md](STUDIES.md).",
         "",
         "Reproduce:",
         "",
         "```bash",
         'pip install -e ".[bench]"                    # pythae, POT, scipy beside the project',
-        "python benchmarks/run_all.py --quick         # every table at small budgets",
-        "python benchmarks/run_all.py                 # the full settings",
-        "python benchmarks/run_all.py --docs-only     # rewrite this page from the result files",
+        "python -m benchmarks.run_all --quick         # every table at small budgets (from the repository root)",
+        "python -m benchmarks.run_all                 # the full settings",
+        "python -m benchmarks.run_all --docs-only     # rewrite this page from the result files",
         "```",
         "",
         "Every script sets the same process settings for all its contenders (`benchmarks/common.py`): 2 torch "
@@ -135,12 +143,16 @@ def render_docs(out: str) -> str:
             total = sum(r["seconds"] for r in record["scripts"].values())
             parts = ", ".join(f"{n} {r['seconds']:.0f} s" + ("" if r["returncode"] == 0 else " (failed)")
                               for n, r in record["scripts"].items())
-            runs.append(f"| `{record['command']}` | {total / 60:.1f} min | {parts} | {record['machine']} |")
-    lines += ["Run times of `run_all.py`:", "", "| command | wall time | per script | machine |", "|---|---|---|---|"]
+            runs.append(f"| `{current_command(record['command'])}` | {total / 60:.1f} min | {parts} | {record['machine']} |")
+    lines += ["Run times of `python -m benchmarks.run_all`:", "", "| command | wall time | per script | machine |", "|---|---|---|---|"]
     lines += runs or ["| - | not run yet | | |"]
     lines.append("")
     for name in SCRIPTS:
         lines += _section(name, _load(name, out), out)
+    hand_recorded = os.path.join(out, HAND_RECORDED)
+    if os.path.exists(hand_recorded):
+        with open(hand_recorded) as handle:
+            lines += [handle.read().strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -156,7 +168,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if not args.docs_only:
         names = args.only or list(SCRIPTS)
-        warning = common.check_quiet()
+        warning = check_quiet()
         if warning:
             print(warning)
         scripts = run_scripts(names, args.quick, args.out)
@@ -164,8 +176,8 @@ def main() -> None:
         previous = (common.read_json(path) or {}).get("scripts", {}) if args.only else {}
         import torch  # noqa: F401  (machine_info reads torch's version)
 
-        info = common.machine_info()
-        common.write_json(path, {"command": common.command_line(), "machine": common.describe_machine(info),
+        info = machine_info()
+        common.write_json(path, {"command": common.command_line(), "machine": describe_machine(info),
                                  "scripts": {**previous, **scripts}})
         failed = [n for n, r in scripts.items() if r["returncode"] != 0]
         total = sum(r["seconds"] for r in scripts.values())

@@ -1,6 +1,6 @@
 """Training throughput of a WAE-MMD step at 28x28 against a plain PyTorch loop, pythae and the CPU's roof.
 
-One WAE-MMD training step (SPEC 4): encode a batch of 100 images of 28x28, decode, squared
+One WAE-MMD training step (docs/theory.md 3.3): encode a batch of 100 images of 28x28, decode, squared
 Euclidean reconstruction cost + lambda (10) x the unbiased IMQ multi-scale MMD^2 between the codes
 (d_z = 8) and N(0, I) draws, backward, one Adam step. Synthetic images, uniform in [-1, 1] (no
 download; a throughput does not depend on what the pixels show). Networks from
@@ -11,7 +11,7 @@ Contenders, each on its own copy of the same networks (same initial weights), fe
 of in-memory DataLoader (batch 100, shuffled):
 - `lightning`: this project's `WAE` LightningModule through `lightning.Trainer` (logger,
   checkpointing, progress bar, model summary and validation off);
-- `torch`: the same modules and loss functions (`losses.cost`, `losses.mmd_unbiased`) in a plain
+- `torch`: the same modules and loss functions (`transport.costs.cost`, `maths.mmd.mmd_unbiased`) in a plain
   loop with manual Adam steps: the gap to `lightning` is the framework's overhead;
 - `pythae`: pythae's `WAE_MMD` around the same modules (BaseEncoder / BaseDecoder wrappers),
   stepped in a plain loop through `model(inputs)` + `loss.backward()` + Adam;
@@ -29,8 +29,8 @@ Process settings (benchmarks/common.py): 2 torch threads, denormals flushed, gli
 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483648 (the script re-executes itself
 with them), for every contender alike.
 
-    python benchmarks/throughput.py --quick      # 1 round, 4 windows of 2 steps: about 3 minutes
-    python benchmarks/throughput.py              # 3 rounds, 3 windows of 4 steps each
+    python -m benchmarks.throughput --quick      # 1 round, 4 windows of 2 steps
+    python -m benchmarks.throughput              # 3 rounds, 3 windows of 4 steps each
 
 Writes benchmarks/results/throughput[_quick].csv (one row per network and contender) and .json.
 """
@@ -40,21 +40,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
-import sys
 import tempfile
 import time
 from typing import Any, Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import machine_at_start
+from benchmarks.pythae_peer import PYTHAE_MATCHING, import_pythae, pythae_wae_mmd
+from benchmarks.timing import matmul_gflops, window_rates
+from benchmarks.wae_step import (
+    BATCH, BETAS, IMAGE_SHAPE, LAMBDA, LATENT_DIM, LR, build_wae, check_same_objective, make_loader, network_variants,
+    step_flops, synthetic_images, wae_mmd_loss,
+)
 
 NAME = "throughput"
-BATCH = 100
-IMAGE_SHAPE = (1, 28, 28)
-LATENT_DIM = 8
-LAMBDA = 10.0
-LR, BETAS = 1e-3, (0.5, 0.999)
 CONTENDERS = ("lightning", "torch", "pythae", "pythae_trainer")
 CONTENDER_LABELS = {
     "lightning": "this project, Lightning Trainer",
@@ -62,48 +61,6 @@ CONTENDER_LABELS = {
     "pythae": "pythae WAE_MMD, plain loop",
     "pythae_trainer": "pythae WAE_MMD, BaseTrainer",
 }
-
-
-def network_variants() -> dict[str, dict[str, list[int]]]:
-    """{name: {encoder_channels, decoder_channels}}: the WAE paper's MNIST networks (read from
-    configs/wae_mnist.yaml) and the variant with half the channels."""
-    import yaml
-
-    with open(os.path.join(common.ROOT, "configs", "wae_mnist.yaml")) as handle:
-        init = yaml.safe_load(handle)["model"]["init_args"]
-    enc, dec = list(init["encoder_channels"]), list(init["decoder_channels"])
-    return {
-        "-".join(map(str, enc)): {"encoder_channels": enc, "decoder_channels": dec},
-        "-".join(str(c // 2) for c in enc): {"encoder_channels": [c // 2 for c in enc],
-                                              "decoder_channels": [c // 2 for c in dec]},
-    }
-
-
-def build_wae(channels: dict[str, list[int]]) -> Any:
-    """The project's WAE-MMD at 28x28 with the given channels, seeded so every contender starts
-    from the same weights."""
-    import torch
-
-    from lightning_modules.wae import WAE
-
-    torch.manual_seed(0)
-    return WAE(data_shape=IMAGE_SHAPE, latent_dim=LATENT_DIM, latent_penalty="mmd", kernel="imq", lambda_=LAMBDA,
-               cost="l2sq", prior="gaussian", lr=LR, betas=BETAS, **channels)
-
-
-def synthetic_images(count: int) -> Any:
-    import torch
-
-    generator = torch.Generator().manual_seed(1)
-    return torch.rand(count, *IMAGE_SHAPE, generator=generator) * 2.0 - 1.0  # (N, 1, 28, 28) in [-1, 1]
-
-
-def make_loader(images: Any) -> Any:
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
-    return DataLoader(TensorDataset(images), batch_size=BATCH, shuffle=True, drop_last=True,
-                      generator=torch.Generator().manual_seed(2))
 
 
 # ---- the contenders: each runs `steps` steps and returns the perf_counter at each step's end ----
@@ -126,23 +83,9 @@ class LightningContender:
                                    batch_idx: int) -> None:
                 marks.append(time.perf_counter())
 
-        trainer = L.Trainer(
-            accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=steps, limit_val_batches=0,
-            num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[Marks()],
-        )
+        trainer = common.bare_trainer(max_epochs=1, limit_train_batches=steps, limit_val_batches=0, callbacks=[Marks()])
         trainer.fit(self.model, train_dataloaders=make_loader(self.images[: steps * BATCH]))
         return marks
-
-
-def wae_mmd_loss(encoder: Any, decoder: Any, x: Any) -> Any:
-    """The WAE-MMD objective with the project's loss functions, as `WAE.training_step` computes it."""
-    from lightning_modules.losses import cost, mmd_unbiased, sample_prior
-
-    z = encoder(x)  # (B, d_z)
-    recon = cost(x, decoder(z), "l2sq").mean()
-    z_prior = sample_prior("gaussian", z.shape[0], LATENT_DIM, dtype=z.dtype)  # (B, d_z)
-    return recon + LAMBDA * mmd_unbiased(z, z_prior, "imq", base_scale=2.0 * LATENT_DIM)
 
 
 class TorchContender:
@@ -178,7 +121,7 @@ class PythaeContender:
         import torch
 
         wae = build_wae(channels)
-        self.model = common.pythae_wae_mmd(wae.encoder, wae.decoder, IMAGE_SHAPE, LATENT_DIM, LAMBDA).train()
+        self.model = pythae_wae_mmd(wae.encoder, wae.decoder, IMAGE_SHAPE, LATENT_DIM, LAMBDA).train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LR, betas=BETAS)
         self.images = images
 
@@ -201,7 +144,7 @@ class PythaeTrainerContender:
 
     def __init__(self, channels: dict[str, list[int]], images: Any) -> None:
         wae = build_wae(channels)
-        self.model = common.pythae_wae_mmd(wae.encoder, wae.decoder, IMAGE_SHAPE, LATENT_DIM, LAMBDA)
+        self.model = pythae_wae_mmd(wae.encoder, wae.decoder, IMAGE_SHAPE, LATENT_DIM, LAMBDA)
         self.images = images
         self._scratch = tempfile.TemporaryDirectory(prefix="pythae_throughput_")  # removed with the contender
         self.output_dir = self._scratch.name
@@ -239,49 +182,6 @@ FACTORIES: dict[str, Callable[..., Any]] = {
 }
 
 
-# ---- FLOPs and the roof --------------------------------------------------------------------------
-
-
-def step_flops(channels: dict[str, list[int]]) -> tuple[float, float]:
-    """(FLOPs of one forward + backward of the WAE-MMD step, FLOPs of its forward), per image,
-    counted by torch's FlopCounterMode (a multiply-add counts 2)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    wae = build_wae(channels)
-    encoder, decoder = wae.encoder.train(), wae.decoder.train()
-    x = synthetic_images(BATCH)
-    with FlopCounterMode(display=False) as counter:
-        wae_mmd_loss(encoder, decoder, x).backward()
-    step = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        wae_mmd_loss(encoder, decoder, x)
-    return step / BATCH, counter.get_total_flops() / BATCH
-
-
-def check_same_objective(channels: dict[str, list[int]]) -> dict[str, float]:
-    """Relative differences between pythae's and the project's reconstruction term and MMD^2 on
-    one batch with the same prior draws: the two compute the same objective (to float32 rounding)."""
-    import torch
-    from pythae.data.datasets import DatasetOutput
-
-    from lightning_modules.losses import cost, mmd_unbiased, sample_prior
-
-    wae = build_wae(channels)
-    pythae_model = common.pythae_wae_mmd(wae.encoder, wae.decoder, IMAGE_SHAPE, LATENT_DIM, LAMBDA)
-    wae.eval()  # batch norm with running statistics: both see the same network function
-    x = synthetic_images(BATCH)
-    with torch.no_grad():
-        z = wae.encoder(x)  # (B, d_z)
-        recon = cost(x, wae.decoder(z), "l2sq").mean()
-        torch.manual_seed(5)
-        mmd = mmd_unbiased(z, sample_prior("gaussian", BATCH, LATENT_DIM), "imq", base_scale=2.0 * LATENT_DIM)
-        torch.manual_seed(5)  # pythae draws its prior codes with randn_like(z): the same numbers
-        out = pythae_model(DatasetOutput(data=x))
-    return {"recon": float((out.recon_loss - recon).abs() / recon.abs()),
-            "mmd": float((out.mmd_loss - mmd).abs() / mmd.abs())}
-
-
 # ---- the run -----------------------------------------------------------------------------------
 
 
@@ -297,7 +197,7 @@ def measure(channels: dict[str, list[int]], contenders: list[str], args: argpars
             marks = runners[name].run(steps)
             if len(marks) != steps:
                 raise RuntimeError(f"{name} ran {len(marks)} steps instead of {steps}")
-            window = common.window_rates(marks, args.steps, BATCH, args.warmup)
+            window = window_rates(marks, args.steps, BATCH, args.warmup)
             rates[name] += window
             print(f"  round {round_index + 1}/{args.rounds} {name:<15} windows (img/s): "
                   + " ".join(f"{r:.1f}" for r in window), flush=True)
@@ -307,15 +207,12 @@ def measure(channels: dict[str, list[int]], contenders: list[str], args: argpars
 def run(args: argparse.Namespace) -> dict[str, Any]:
     contenders = [c for c in args.contenders if not (args.no_pythae and c.startswith("pythae"))]
     if any(c.startswith("pythae") for c in contenders):
-        common.import_pythae()
+        import_pythae()
     common.quiet_lightning()
 
-    machine = common.machine_info()
-    warning = common.check_quiet()
-    if warning:
-        print(warning)
+    machine = machine_at_start()
     print(f"matmul roof: two {args.matmul_size}^2 fp32 matrices on {common.THREADS} threads ...", flush=True)
-    gflops = common.matmul_gflops(args.matmul_size, repeats=args.matmul_repeats)
+    gflops = matmul_gflops(args.matmul_size, repeats=args.matmul_repeats)
     print(f"  {gflops:.0f} GFLOP/s")
     rows, summary = [], {"matmul_gflops": gflops, "networks": {}}
     variants = network_variants()
@@ -378,13 +275,13 @@ def table(result: dict[str, Any]) -> str:
 
 
 def matching_table() -> str:
-    """How pythae's WAE_MMD is matched to the project's WAE (common.PYTHAE_MATCHING)."""
-    return common.markdown_table(["", "this project", "pythae 0.1.2", ""], common.PYTHAE_MATCHING)
+    """How pythae's WAE_MMD is matched to the project's WAE (pythae_peer.PYTHAE_MATCHING)."""
+    return common.markdown_table(["", "this project", "pythae 0.1.2", ""], PYTHAE_MATCHING)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 round of 4 windows of 2 steps (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="1 round of 4 windows of 2 steps")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender per round")
     parser.add_argument("--windows", type=int, help="timed windows per contender per round (default 3; quick 4)")
@@ -394,10 +291,7 @@ def main() -> None:
     parser.add_argument("--no-pythae", action="store_true", help="skip the pythae contenders")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-repeats", type=int, default=5)
-    parser.add_argument("--out", default=common.RESULTS)
-    args = parser.parse_args()
-    common.use_allocator_env()
-    common.set_torch_threads()
+    args = common.parse_benchmark_arguments(parser)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.windows = args.windows or (4 if args.quick else 3)
     args.steps = args.steps or (2 if args.quick else 4)
@@ -412,13 +306,7 @@ def main() -> None:
     elapsed = time.time() - start
     payload = common.result_payload(NAME, args.quick, result["settings"], result["rows"], result["summary"],
                                     result["machine"], elapsed)
-    print()
-    print(table(payload))
-    print(f"\n({elapsed:.0f} s; {common.describe_machine(result['machine'])})")
-    stem = common.result_stem(NAME, args.quick, args.out)
-    common.write_csv(stem + ".csv", result["rows"])
-    common.write_json(stem + ".json", payload)
-    print(f"wrote {stem}.csv and {stem}.json")
+    common.publish(payload, table(payload), args.out)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Time, peak memory and tightness of the certified Wasserstein bracket against POT (SPEC 5).
+"""Time, peak memory and tightness of the certified Wasserstein bracket against POT (docs/theory.md 5).
 
 For Gaussian clouds x ~ N(0, I_d) and y ~ N(mu, I_d), |mu| = 1 (mu = (1, ..., 1) / sqrt(d)), n
 points each, uniform weights, squared Euclidean cost C_ij = |x_i - y_j|^2, every configuration
 n in {256, 1024, 4096, 16384} x d in {2, 64, 784} runs these solvers, each in a fresh process
 (spawned) so that its peak resident memory is its own:
 
-- `bracket`: `callbacks.sinkhorn.wasserstein_bracket(x, y, tol=0.01)` (defaults otherwise:
+- `bracket`: `transport.wasserstein_bracket(x, y, tol=0.01)` (defaults otherwise:
   adaptive eps, backend "auto" = tensorized up to 2^25 entries, chunked above), then
   `sinkhorn_upper_bound(x, y)` (its defaults, the same time budget) in the same process, its
   time reported apart;
@@ -34,8 +34,8 @@ it reached.
 
 Process settings as in benchmarks/common.py (2 threads, glibc allocator settings re-exec).
 
-    python benchmarks/transport.py --quick     # n <= 4096 (POT sinkhorn n <= 1024), 20 s budgets, scale-up 8192
-    python benchmarks/transport.py             # the full grid, exact up to 16384, scale-up to 32768
+    python -m benchmarks.transport --quick     # n <= 4096 (POT sinkhorn n <= 1024), 20 s budgets, scale-up 8192
+    python -m benchmarks.transport             # the full grid, exact up to 16384, scale-up to 32768
 
 Writes benchmarks/results/transport[_quick].csv / .json and transport[_quick].png (time and
 memory against n).
@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import machine_at_start
+from benchmarks.timing import run_in_child
+from benchmarks.transport_report import plot, table, verdicts
 
 NAME = "transport"
 TOL = 0.01
@@ -74,7 +74,7 @@ def gaussian_clouds(n: int, d: int, seed: int = 0) -> tuple[Any, Any]:
 
 def prepare_bracket(d: int) -> None:
     """Imports and a tiny solve, so that lazy set-up is not counted as the measured solve's."""
-    from callbacks.sinkhorn import wasserstein_bracket
+    from transport import wasserstein_bracket
 
     wasserstein_bracket(*gaussian_clouds(32, d, seed=1), cost=COST, tol=TOL, max_seconds=10.0, backend="tensorized")
 
@@ -92,7 +92,7 @@ def prepare_pot(d: int) -> None:
 
 def child_bracket(n: int, d: int, backend: str, max_seconds: float | None, with_upper: bool) -> dict[str, Any]:
     """The bracket, then (with_upper) `sinkhorn_upper_bound` at its defaults on the same clouds."""
-    from callbacks.sinkhorn import sinkhorn_upper_bound, wasserstein_bracket
+    from transport import sinkhorn_upper_bound, wasserstein_bracket
 
     x, y = gaussian_clouds(n, d)
     start = time.perf_counter()
@@ -164,7 +164,7 @@ def run_grid(args: argparse.Namespace, machine: dict[str, Any]) -> list[dict[str
         for d in args.dims:
             row: dict[str, Any] = {"n": n, "d": d}
             with_upper = n <= args.upper_max_n
-            status, out = common.run_in_child(child_bracket, (n, d, "auto", args.bracket_seconds, with_upper),
+            status, out = run_in_child(child_bracket, (n, d, "auto", args.bracket_seconds, with_upper),
                                               timeout=2 * args.bracket_seconds + 300, prepare=prepare_bracket, prepare_args=(d,))
             if status == "ok":
                 row.update({f"bracket_{k}": v for k, v in out.items() if k not in ("upper_bound", "upper_bound_seconds")})
@@ -173,7 +173,7 @@ def run_grid(args: argparse.Namespace, machine: dict[str, Any]) -> list[dict[str
                 row["bracket_note"] = status_text(status, out, 2 * args.bracket_seconds + 300)
             reason = exact_skip_reason(n, args, machine)
             if reason is None:
-                status, out = common.run_in_child(child_emd2, (n, d), timeout=args.exact_timeout,
+                status, out = run_in_child(child_emd2, (n, d), timeout=args.exact_timeout,
                                                   prepare=prepare_pot, prepare_args=(d,))
                 if status == "ok":
                     row.update({f"emd2_{k}": v for k, v in out.items()})
@@ -184,7 +184,7 @@ def run_grid(args: argparse.Namespace, machine: dict[str, Any]) -> list[dict[str
             else:
                 row["emd2_note"] = reason
             if n <= args.max_pot_sinkhorn_n and "bracket_eps" in row:
-                status, out = common.run_in_child(child_pot_sinkhorn, (n, d, row["bracket_eps"], args.pot_max_iter),
+                status, out = run_in_child(child_pot_sinkhorn, (n, d, row["bracket_eps"], args.pot_max_iter),
                                                   timeout=args.pot_timeout, prepare=prepare_pot, prepare_args=(d,))
                 if status == "ok":
                     row.update({f"pot_sinkhorn_{k}": v for k, v in out.items()})
@@ -228,7 +228,7 @@ def run_scale_up(args: argparse.Namespace) -> list[dict[str, Any]]:
     n = args.scale_min_n
     while n <= args.scale_max_n:  # every n gets the same time budget; a run cut by it reports its width
         timeout = args.scale_seconds + (120 if args.quick else 600)  # the solver checks its budget between passes
-        status, out = common.run_in_child(child_bracket, (n, args.scale_dim, "chunked", args.scale_seconds, False),
+        status, out = run_in_child(child_bracket, (n, args.scale_dim, "chunked", args.scale_seconds, False),
                                           timeout=timeout, prepare=prepare_bracket, prepare_args=(args.scale_dim,))
         row: dict[str, Any] = {"n": n, "d": args.scale_dim, "tensorized_would_need_gib": 16 * n * n / 2**30}
         if status == "ok":
@@ -245,121 +245,6 @@ def run_scale_up(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-# ---- tables and plot ------------------------------------------------------------------------------
-
-
-def _pct(value: Any) -> str:
-    return "-" if value is None else f"{100 * value:+.2f}%"
-
-
-def table(result: dict[str, Any]) -> str:
-    header = ["n", "d", "bracket s", "bracket MiB", "width", "upper vs W", "lower vs W", "eps", "upper_bound s",
-              "emd2 s", "emd2 MiB", "emd2 / bracket time", "POT sinkhorn_log s", "POT MiB", "POT vs W (it)"]
-    body = []
-    for r in result["rows"]:
-        pot = (f"{_pct(r.get('pot_sinkhorn_over_exact_minus_1'))} ({r['pot_sinkhorn_iterations']}"
-               f"{'' if r['pot_sinkhorn_converged'] else ', not converged'})" if "pot_sinkhorn_value" in r else "-")
-        body.append([
-            r["n"], r["d"],
-            common.fmt(r.get("bracket_seconds")) if "bracket_seconds" in r else r.get("bracket_note", "-"),
-            common.fmt(r.get("bracket_rss_peak_extra_mib"), ".0f"),
-            _pct(r.get("bracket_relative_width")) .lstrip("+") if "bracket_relative_width" in r else "-",
-            _pct(r.get("upper_over_exact_minus_1")), _pct(r.get("lower_over_exact_minus_1")),
-            common.fmt(r.get("bracket_eps"), ".2g"), common.fmt(r.get("upper_bound_seconds")),
-            common.fmt(r.get("emd2_seconds")) if "emd2_seconds" in r else r.get("emd2_note", "-"),
-            common.fmt(r.get("emd2_rss_peak_extra_mib"), ".0f"),
-            common.fmt(r.get("emd2_over_bracket_seconds"), ".2f") + ("x" if "emd2_over_bracket_seconds" in r else ""),
-            common.fmt(r.get("pot_sinkhorn_seconds")) if "pot_sinkhorn_seconds" in r else r.get("pot_sinkhorn_note", "-"),
-            common.fmt(r.get("pot_sinkhorn_rss_peak_extra_mib"), ".0f"), pot,
-        ])
-    lines = [common.markdown_table(header, body), ""]
-    lines.append("MiB: peak resident memory of the solve's process minus its resident memory before the solve. "
-                 "vs W: value / exact - 1. width: (upper - lower) / upper of the certified bracket (tol 1%).")
-    lines += [f"- {line}" for line in result["summary"].get("verdicts", [])]
-    scale = result.get("scale_up") or []
-    if scale:
-        lines += ["", f"Scale-up of the bracket alone, chunked backend, d = {scale[0]['d']} "
-                      f"(time budget {result['settings']['scale_seconds']} s per n):", ""]
-        rows = [[s["n"], common.fmt(s.get("seconds")) if "seconds" in s else s.get("note"),
-                 common.fmt(s.get("rss_peak_extra_mib"), ".0f"), _pct(s.get("relative_width")).lstrip("+") if "relative_width" in s else "-",
-                 common.fmt(s.get("converged")), common.fmt(s.get("iterations")), f"{s['tensorized_would_need_gib']:.1f}"]
-                for s in scale]
-        lines.append(common.markdown_table(
-            ["n", "seconds", "peak MiB", "width", "converged", "Sinkhorn updates", "tensorized would need GiB"], rows))
-    return "\n".join(lines)
-
-
-def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """The targets: bracket no slower than emd2 at n <= 4096, >= 5x faster at n = 16384, within 5%."""
-    out = []
-    small = [r for r in rows if r["n"] <= 4096 and "emd2_over_bracket_seconds" in r]
-    if small:
-        slower = [f"n={r['n']} d={r['d']} ({r['emd2_over_bracket_seconds']:.2f}x)" for r in small if r["emd2_over_bracket_seconds"] < 1]
-        out.append("bracket no slower than exact emd2 at n <= 4096: "
-                   + ("met in every configuration" if not slower else "NOT met at " + ", ".join(slower)))
-    large = [r for r in rows if r["n"] >= 16384]
-    for r in large:
-        if "emd2_over_bracket_seconds" in r:
-            out.append(f"n={r['n']} d={r['d']}: bracket {r['emd2_over_bracket_seconds']:.1f}x faster than emd2 (target >= 5x)")
-        elif "bracket_seconds" in r and "emd2_timed_out_after" in r:
-            out.append(f"n={r['n']} d={r['d']}: bracket {r['bracket_seconds']:.3g} s, emd2 did not finish in "
-                       f"{r['emd2_timed_out_after']:.0f} s: the bracket is more than "
-                       f"{r['emd2_timed_out_after'] / r['bracket_seconds']:.1f}x faster (target >= 5x)")
-        elif "bracket_seconds" in r:
-            out.append(f"n={r['n']} d={r['d']}: bracket {r['bracket_seconds']:.3g} s; emd2 {r.get('emd2_note')}")
-    unconverged = [f"n={r['n']} d={r['d']} (width {100 * r['bracket_relative_width']:.1f}%)"
-                   for r in rows if "bracket_converged" in r and not r["bracket_converged"]]
-    if unconverged:
-        out.append("bracket NOT converged to tol 1% within its time budget at " + ", ".join(unconverged)
-                   + ": its upper end there is a valid bound, but not a tight one")
-    tight = [r for r in rows if "upper_over_exact_minus_1" in r]
-    if tight:
-        worst = max(tight, key=lambda r: r["upper_over_exact_minus_1"])
-        out.append(f"upper bound within {100 * worst['upper_over_exact_minus_1']:.2f}% of exact at worst "
-                   f"(n={worst['n']} d={worst['d']}; target 5%)")
-        also = [r for r in tight if "upper_bound_over_exact_minus_1" in r]
-        if also:
-            worst_u = max(also, key=lambda r: r["upper_bound_over_exact_minus_1"])
-            out.append(f"sinkhorn_upper_bound at defaults within {100 * worst_u['upper_bound_over_exact_minus_1']:.2f}% "
-                       f"of exact at worst (n={worst_u['n']} d={worst_u['d']})")
-    return out
-
-
-def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {2: "C0", 64: "C1", 784: "C2"}
-    for d in sorted({r["d"] for r in rows}):
-        sub = sorted((r for r in rows if r["d"] == d), key=lambda r: r["n"])
-        for key, style, label in (("bracket", "-o", "bracket"), ("emd2", "--s", "emd2"), ("pot_sinkhorn", ":^", "POT sinkhorn_log")):
-            pts = [(r["n"], r[f"{key}_seconds"], r[f"{key}_rss_peak_extra_mib"]) for r in sub if f"{key}_seconds" in r]
-            if pts:
-                ns, ts, ms = zip(*pts)
-                ax_t.plot(ns, ts, style, color=colors.get(d), label=f"{label}, d={d}")
-                ax_m.plot(ns, ms, style, color=colors.get(d), label=f"{label}, d={d}")
-    scale = [s for s in result.get("scale_up") or [] if "seconds" in s]
-    if scale:
-        ax_t.plot([s["n"] for s in scale], [s["seconds"] for s in scale], "-x", color="k", label=f"bracket chunked, d={scale[0]['d']}")
-        ax_m.plot([s["n"] for s in scale], [s["rss_peak_extra_mib"] for s in scale], "-x", color="k",
-                  label=f"bracket chunked, d={scale[0]['d']}")
-    for ax, ylabel in ((ax_t, "seconds"), (ax_m, "peak extra memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("n (points per cloud)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=6, ncol=2)
-    fig.suptitle("W_2^2 between Gaussian clouds: certified bracket (tol 1%) vs POT", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="n <= 4096, POT sinkhorn n <= 1024, scale-up n = 8192 only")
@@ -367,8 +252,8 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 64, 784])
     parser.add_argument("--max-exact-n", type=int, help="largest n for ot.emd2 (default 16384; quick 4096)")
     parser.add_argument("--exact-timeout", type=float, help="seconds per exact solve (default 900; quick 120)")
-    parser.add_argument("--max-pot-sinkhorn-n", type=int, help="largest n for POT's sinkhorn (default 1024: at the bracket's eps it does not converge "
-                        "in its 1000 iterations, and took 341 s at n = 4096, d = 2)")
+    parser.add_argument("--max-pot-sinkhorn-n", type=int, help="largest n for POT's sinkhorn (default 1024: above it, at the bracket's eps, it "
+                        "runs out of its 1000 iterations after minutes; docs/BENCHMARKS.md section 5)")
     parser.add_argument("--pot-max-iter", type=int, default=1000, help="POT sinkhorn numItermax (default 1000, POT's)")
     parser.add_argument("--pot-timeout", type=float, help="seconds per POT sinkhorn run (default 600; quick 120)")
     parser.add_argument("--upper-max-n", type=int, help="largest n of the separate sinkhorn_upper_bound run (default 4096; quick 1024)")
@@ -378,10 +263,7 @@ def main() -> None:
     parser.add_argument("--scale-max-n", type=int, help="largest n of the scale-up (default 32768; quick 8192)")
     parser.add_argument("--scale-seconds", type=float, help="time budget per scale-up n (default 300; quick 45)")
     parser.add_argument("--no-scale-up", action="store_true")
-    parser.add_argument("--out", default=common.RESULTS)
-    args = parser.parse_args()
-    common.use_allocator_env()
-    common.set_torch_threads()
+    args = common.parse_benchmark_arguments(parser)
     q = args.quick
     defaults = dict(sizes=[256, 1024, 4096] if q else [256, 1024, 4096, 16384], max_exact_n=4096 if q else 16384,
                     exact_timeout=120.0 if q else 900.0, max_pot_sinkhorn_n=1024,
@@ -393,10 +275,7 @@ def main() -> None:
             setattr(args, key, value)
 
     start = time.time()
-    machine = common.machine_info()
-    warning = common.check_quiet()
-    if warning:
-        print(warning)
+    machine = machine_at_start()
     rows = run_grid(args, machine)
     scale = [] if args.no_scale_up else run_scale_up(args)
     elapsed = time.time() - start
@@ -404,15 +283,9 @@ def main() -> None:
     settings.update(tol=TOL, cost=COST, clouds="x ~ N(0, I_d), y ~ N((1,...,1)/sqrt(d), I_d)")
     payload = common.result_payload(NAME, q, settings, rows, {"verdicts": verdicts(rows)}, machine, elapsed)
     payload["scale_up"] = scale
-    print()
-    print(table(payload))
-    print(f"\n({elapsed:.0f} s; {common.describe_machine(machine)})")
-    stem = common.result_stem(NAME, q, args.out)
-    common.write_csv(stem + ".csv", rows)
-    common.write_csv(stem + "_scale_up.csv", scale)
-    common.write_json(stem + ".json", payload)
+    stem = common.publish(payload, table(payload), args.out, {"": rows, "_scale_up": scale})
     plot(payload, stem + ".png")
-    print(f"wrote {stem}.csv, {stem}_scale_up.csv, {stem}.json and {stem}.png")
+    print(f"wrote {stem}.png")
 
 
 if __name__ == "__main__":

@@ -1,37 +1,36 @@
-"""How close a certified Lipschitz critic gets to W_l2 on FIXED samples, against critic steps (SPEC 4, 5).
+"""How close a certified Lipschitz critic gets to W_l2 on FIXED samples, against critic steps (docs/theory.md 4.3, 4.4).
 
 The dual side of the primal-dual link at large lambda is Kantorovich-Rubinstein: for kl (g_f the
 identity) GAN_{lambda f}(P_X, P_G; H_c) -> sup_{Lip(h) <= 1} E_P[h] - E_Q[h] = W_l2(P, Q). This
 script takes the generator out of the picture: P is the 2-D ring of 8 Gaussians (radius 2, std 0.1,
-the chain benchmark's), Q a "model" of it (radius 1.8, std 0.25, rotated by 0.1 rad), both fixed.
+the chain study's), Q a "model" of it (radius 1.8, std 0.25, rotated by 0.1 rad), both fixed.
 The data critic of FGAN / PrimalDual (`build_critic`, spectral norm, MaxMin by default) ascends
 E_P[h] - E_Q[h] on 20,000 training points of each, batch 256, Adam(betas 0.5, 0.999). After
 `steps` steps its certified value [E_P h - E_Q h] / max(1, L) on 2000 held-out points of each, L the
-certified Lipschitz bound (`lipschitz.py`), is compared with
+certified Lipschitz bound (`maths.lipschitz`), is compared with
 
 - W_c(X, Y) exact (POT) between the same 2000 + 2000 held-out points, the chain table's reference;
 - W_c at 8000 + 8000 fresh points, nearer the population value (the sample value is biased upwards).
 
 A certified value can never exceed the population W_l2; it may exceed a sample W only by chance.
 
-    python benchmarks/critic_convergence.py --quick     # 1000 / 3000 / 10000 steps, lr 2e-4 (~1.5 min)
-    python benchmarks/critic_convergence.py             # up to 30000 steps, lr 2e-4 and 1e-3 (~8 min)
+    python -m studies.critic_convergence --quick     # 1000 / 3000 / 10000 steps, lr 2e-4
+    python -m studies.critic_convergence             # up to 30000 steps, lr 2e-4 and 1e-3
 
-Writes benchmarks/results/critic_convergence[_quick].csv, .json and .md.
+Writes studies/results/critic_convergence[_quick].csv, .json and .md; docs/STUDIES.md reads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import check_quiet, describe_machine, machine_info
+from studies.common import RESULTS, report_title
 
 NAME = "critic_convergence"
 NUM_TRAIN, NUM_TEST, NUM_LARGE, BATCH = 20_000, 2000, 8000, 256
@@ -75,7 +74,7 @@ def certified_value(critic: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -
     """([E_x h - E_y h] / max(1, L), L) in float64 on a copy of the critic."""
     import copy
 
-    from lightning_modules.lipschitz import lipschitz_upper_bound
+    from maths.lipschitz import lipschitz_upper_bound
 
     c = copy.deepcopy(critic).double().eval()
     with torch.no_grad():
@@ -89,14 +88,14 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=3, help="hidden layers (the configs' critic_depth)")
     parser.add_argument("--width", type=int, default=128, help="hidden width (the 2-D config's critic_width)")
     parser.add_argument("--activation", choices=["maxmin", "leaky_relu"], default="maxmin")
-    parser.add_argument("--out", default=common.RESULTS)
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     common.set_torch_threads(1)
-    from callbacks.sinkhorn import exact_wasserstein
+    from transport import exact_wasserstein
 
     start = time.time()
-    machine = common.machine_info()
-    quiet = common.check_quiet()  # other processes' CPU use, sampled before the run
+    machine = machine_info()
+    quiet = check_quiet()  # other processes' CPU use, sampled before the run
     generator = torch.Generator().manual_seed(0)
     x_train, y_train = ring(NUM_TRAIN, generator).float(), model_samples(NUM_TRAIN, generator).float()
     x_test, y_test = ring(NUM_TEST, generator), model_samples(NUM_TEST, generator)
@@ -124,16 +123,15 @@ def main() -> None:
         ["lr", "steps", "certified value", "Lip bound", "/ W_c held-out", f"/ W_c ({NUM_LARGE} pts)", "seconds"],
         [[f"{r['lr']:g}", r["steps"], f"{r['certified']:.4f}", f"{r['lipschitz_bound']:.3f}",
           f"{r['over_w_test']:.3f}", f"{r['over_w_large']:.3f}", f"{r['seconds']:.0f}"] for r in rows])
-    lines = [f"# {NAME}{' (quick)' if args.quick else ''}: {common.command_line()}", "",
+    lines = [report_title(NAME, args.quick), "",
              f"Critic: depth {args.depth}, width {args.width}, {args.activation}, spectral norm; batch {BATCH}. "
              f"W_l2 exact: {w_test:.4f} (held-out {NUM_TEST} + {NUM_TEST}), {w_large:.4f} ({NUM_LARGE} + {NUM_LARGE}).",
-             "", table, "", common.describe_machine(machine) + (f" ({quiet})" if quiet else ""),
+             "", table, "", describe_machine(machine) + (f" ({quiet})" if quiet else ""),
              f"{time.time() - start:.0f} s wall clock."]
     print("\n" + "\n".join(lines[2:]))
     stem = common.result_stem(NAME, args.quick, args.out)
     common.write_csv(stem + ".csv", rows)
-    with open(stem + ".md", "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    common.write_text(stem + ".md", "\n".join(lines))
     settings = {"depth": args.depth, "width": args.width, "activation": args.activation, "batch": BATCH,
                 "num_train": NUM_TRAIN, "num_test": NUM_TEST, "num_large": NUM_LARGE,
                 "w_test": w_test, "w_large": w_large}

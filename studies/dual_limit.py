@@ -1,9 +1,9 @@
-"""The dual side of the chain as lambda grows, against a POPULATION reference for W_c (SPEC 4, 5).
+"""The dual side of the chain as lambda grows, against a POPULATION reference for W_c (docs/theory.md 4.1, 5.1).
 
-The chain benchmark divides the dual value by W_c between 1000 held-out points and 1000 model points.
-On the 2-D ring that empirical W_c is biased upwards (E W_c(samples) >= W_c(P_X, P_G), SPEC 5; two
-1000-point samples of the SAME ring are 0.13 apart), so "dual / W_c" there understates how close the
-dual gets. Here the ring is sampled afresh (its law is known), so:
+The chain study divides the dual value by W_c between 1000 held-out points and 1000 model points.
+That empirical W_c is biased upwards (E W_c(samples) >= W_c(P_X, P_G), docs/theory.md 5.1), so
+"dual / W_c" there understates how close the dual gets. Here the ring is sampled afresh (its law
+is known), so:
 
 - the critic of a trained PrimalDual (the chain's quick recipe: injective G, MaxMin critic, MC
   training estimator) is refined for `--critic_steps` steps on batches of 1000 FRESH data points
@@ -16,9 +16,9 @@ dual gets. Here the ring is sampled afresh (its law is known), so:
   extrapolated to N = infinity by least squares on W_N = W + a / sqrt(N) and on W_N = W + a log(N) / sqrt(N)
   (the 2-D rates); the two fits bracket the estimate.
 
-    python benchmarks/dual_limit.py [--workers 2] [--lambdas 0.1 1 10 100] [--divergences kl jensen_shannon pearson]
+    python -m studies.dual_limit [--workers 2] [--lambdas 0.1 1 10 100] [--divergences kl jensen_shannon pearson]
 
-Writes benchmarks/results/dual_limit.{md,csv,json}. About 10 minutes on the 2-core machine with 2 workers.
+Writes studies/results/dual_limit.{md,csv,json}; docs/STUDIES.md reads them.
 """
 
 from __future__ import annotations
@@ -26,19 +26,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from primal_dual_chain import quiet  # noqa: E402
-from refinement import train_all_but_generator  # noqa: E402
-from transport_encoder import assignment, train_generator  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import describe_machine, machine_info
+from studies.chain.refinement import train_all_but_generator
+from studies.chain.training import train_quick_generator
+from studies.common import RESULTS, report_title, ring_points
+from studies.transport_encoder import assignment
 
 NAME = "dual_limit"
 SIZES = [500, 1000, 2000, 4000]
@@ -58,15 +56,12 @@ def extrapolate(sizes: list[int], values: list[float]) -> dict[str, float]:
 
 def run_one(job: dict) -> dict:
     """Train G at (f, lambda), refine its critic on fresh data, and measure the dual against W_c."""
-    from datamodules.toy2d import sample_mixture
-
-    torch.set_num_threads(1)
-    quiet()
+    common.quiet_worker(1)
     start = time.time()
-    model, datamodule = train_generator(job["divergence"], job["lambda"], job["seed"])
+    model, datamodule = train_quick_generator(job["divergence"], job["lambda"], job["seed"])
 
     def fresh_data(n: int, seed: int) -> torch.Tensor:
-        return sample_mixture(datamodule.centers, datamodule.std, n, torch.Generator().manual_seed(seed)).tensors[0]
+        return ring_points(datamodule.centers, datamodule.std, n, seed)
 
     def fresh_model(n: int, seed: int) -> torch.Tensor:
         with torch.no_grad():
@@ -76,20 +71,20 @@ def run_one(job: dict) -> dict:
     train_all_but_generator(model)
     torch.manual_seed(job["seed"])
     for step in range(job["critic_steps"]):
-        loss, _, _ = model.critic_loss(fresh_data(BATCH, 10**6 + step), fresh_model(BATCH, 2 * 10**6 + step))
+        loss = model.critic.loss(fresh_data(BATCH, 10**6 + step), fresh_model(BATCH, 2 * 10**6 + step))[0]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
-    bound = model.critic_lipschitz_bound()
-    duals = [float(model.certified_dual_value(fresh_data(job["eval_points"], 3 * 10**6 + k),
+    bound = model.critic.lipschitz_bound()
+    duals = [float(model.critic.certified_value(fresh_data(job["eval_points"], 3 * 10**6 + k),
                                               fresh_model(job["eval_points"], 4 * 10**6 + k)))
              for k in range(job["repeats"])]
     w_by_size = [statistics.mean(
         assignment(fresh_data(n, 5 * 10**6 + 10 * n + k).double(), fresh_model(n, 6 * 10**6 + 10 * n + k).double())[1]
         for k in range(DRAWS_PER_SIZE[n])) for n in SIZES]
     x, y = fresh_data(SIZES[-1], 5 * 10**6 + 10 * SIZES[-1]), fresh_model(SIZES[-1], 6 * 10**6 + 10 * SIZES[-1])
-    same_points = float(model.certified_dual_value(x, y))  # the theorem's check on these samples
+    same_points = float(model.critic.certified_value(x, y))  # the theorem's check on these samples
     return {"divergence": job["divergence"], "lambda": job["lambda"], "seed": job["seed"],
             "lipschitz_bound": bound, "dual": statistics.mean(duals), "dual_sd": statistics.stdev(duals),
             "dual_same_points": same_points, **{f"w_{n}": w for n, w in zip(SIZES, w_by_size)},
@@ -105,23 +100,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--out", default=common.RESULTS)
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     jobs = [{"divergence": f, "lambda": lam, "seed": args.seed, "critic_steps": args.critic_steps,
              "eval_points": args.eval_points, "repeats": args.repeats}
             for f in args.divergences for lam in args.lambdas]
     start = time.time()
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        rows = []
-        for row in pool.map(run_one, jobs):
-            rows.append(row)
-            print(f"{row['divergence']} lambda {row['lambda']:g}: dual {row['dual']:.4f}, W_4000 {row['w_4000']:.4f}, "
-                  f"W_inf [{row['w_inf_log_sqrt']:.4f}, {row['w_inf_sqrt']:.4f}] ({row['seconds']:.0f} s)", flush=True)
+    rows = []
+    for row in common.map_in_workers(run_one, jobs, args.workers):
+        rows.append(row)
+        print(f"{row['divergence']} lambda {row['lambda']:g}: dual {row['dual']:.4f}, W_4000 {row['w_4000']:.4f}, "
+              f"W_inf [{row['w_inf_log_sqrt']:.4f}, {row['w_inf_sqrt']:.4f}] ({row['seconds']:.0f} s)", flush=True)
     write_outputs(rows, args, time.time() - start)
 
 
 def write_outputs(rows: list[dict], args: argparse.Namespace, elapsed: float) -> None:
-    machine = common.machine_info()
+    machine = machine_info()
     body = []
     for r in rows:
         low, high = sorted((r["w_inf_log_sqrt"], r["w_inf_sqrt"]))
@@ -131,7 +125,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, elapsed: float) ->
                      f"[{low:.3f}, {high:.3f}]", f"{r['dual'] / high:.2f} - {r['dual'] / low:.2f}",
                      f"{r['dual'] / r['w_4000']:.2f}", held])
     text = "\n".join([
-        f"# {NAME}: {common.command_line()}",
+        report_title(NAME),
         "",
         f"Critic refined for {args.critic_steps} steps on fresh batches of {BATCH}; dual = certified dual value, "
         f"mean ± sd over {args.repeats} fresh pairs of {args.eval_points} points; W_N exact at N = "
@@ -141,7 +135,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, elapsed: float) ->
                                "W_inf (two fits)", "dual / W_inf", "dual / W_4000", "dual <= W_c on the same 4000 points"],
                               body),
         "",
-        f"{common.describe_machine(machine)}; {elapsed:.0f} s.",
+        f"{describe_machine(machine)}; {elapsed:.0f} s.",
     ])
     common.write_report(os.path.join(args.out, NAME), text, rows, {
         "settings": vars(args), "sizes": SIZES, "rows": rows, "machine": machine, "seconds": elapsed})

@@ -1,60 +1,50 @@
 """Mode coverage of the f-GAN on the ring of 8 Gaussians, for every divergence of the registry.
 
-The ring (radius 2, std 0.02) is the classic mode-collapse test (SPEC 7). Every row of the
-f-divergence table (SPEC 3) is trained with the same networks, optimiser and number of steps,
+The ring (radius 2, std 0.02) is the classic mode-collapse test. Every row of the f-divergence
+table (docs/theory.md 2.1) is trained with the same networks, optimiser and number of steps,
 read from configs/fgan_gaussians.yaml, with an unconstrained critic; the rows whose output
-activation is 1-Lipschitz (kl, pearson, jensen_shannon, gan, total_variation) are trained a
-second time with the spectrally normalised critic (`lipschitz="spectral_norm"`, SPEC 4). After
+activation is 1-Lipschitz (kl, pearson, jensen_shannon, gan, total_variation; docs/theory.md 2.6)
+are trained a second time with the spectrally normalised critic (`lipschitz="spectral_norm"`,
+docs/theory.md 4.3). After
 training, 2500 samples are drawn and counted with `callbacks.modes.mode_coverage`: a mode is
 covered when >= 2% of the samples lie within 3 std of its centre; the high-quality fraction is
 the share of samples within 3 std of their nearest centre. Coverage is also recorded every
-`--eval_every` epochs, since GANs on this ring hop between modes during training.
+`--eval_every` epochs, since a GAN's coverage on this ring can change from one epoch to the next
+(mode hopping), so the last epoch alone can mislead.
 
 A configuration "collapses" when its mean number of covered modes over the seeds is below 6;
 "diverged" marks a run stopped by a non-finite loss (the module's NonFiniteError; the coverage
 is then that of the model when it stopped) or non-finite samples.
 
-    python benchmarks/fgan_mode_coverage.py --quick     # 1 seed, 40 epochs: a few minutes on 2 cores
-    python benchmarks/fgan_mode_coverage.py             # 3 seeds, the config's 60 epochs (~36 CPU-min)
+    python -m studies.fgan_mode_coverage --quick     # 1 seed, 40 epochs
+    python -m studies.fgan_mode_coverage             # 3 seeds, the config's 60 epochs
 
-Writes benchmarks/results/fgan_mode_coverage[_quick].csv (one row per configuration and seed),
-..._history.csv (coverage during training) and ....png (final samples of the first seed).
+Writes studies/results/fgan_mode_coverage[_quick].csv (one row per configuration and seed),
+..._history.csv (coverage during training) and ....png (final samples of the first seed);
+docs/STUDIES.md reads them.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from statistics import mean
 
-import yaml
+from benchmarks import common
+from studies.common import RESULTS, add_seed_arguments, draw_ring_panel, seeds_and_epochs
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "fgan_gaussians.yaml")
+CONFIG = common.config_path("fgan_gaussians")
 NUM_EVAL_SAMPLES = 2500
 COLLAPSE_BELOW = 6  # mean covered modes under which a configuration is said to collapse
-
-
-def load_settings(path: str) -> tuple[dict, dict, int]:
-    """(model init_args, data init_args, max_epochs) of a train.py config."""
-    with open(path) as handle:
-        config = yaml.safe_load(handle)
-    return dict(config["model"]["init_args"]), dict(config["data"]["init_args"]), int(config["trainer"]["max_epochs"])
+QUICK_EPOCHS = 40
 
 
 def configurations(divergences: list[str] | None = None) -> list[tuple[str, str]]:
     """(divergence, lipschitz) pairs: every row (or those in `divergences`) unconstrained, the
     1-Lipschitz rows also with SN."""
-    from lightning_modules.divergences import DIVERGENCE_NAMES, get_divergence
+    from maths.divergences import DIVERGENCE_NAMES, get_divergence
 
     names = [name for name in DIVERGENCE_NAMES if divergences is None or name in divergences]
     rows = [(name, "none") for name in names]
@@ -64,9 +54,6 @@ def configurations(divergences: list[str] | None = None) -> list[tuple[str, str]
 
 def train_one(job: dict) -> dict:
     """Train one (divergence, lipschitz, seed) and measure its coverage; runs in a worker process."""
-    import logging
-    import warnings
-
     import lightning as L
     import torch
 
@@ -74,9 +61,7 @@ def train_one(job: dict) -> dict:
     from datamodules import GaussianMixtureDataModule
     from lightning_modules.fgan import FGAN
 
-    torch.set_num_threads(1)  # one core per worker
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run banners
+    common.quiet_worker(1)  # one core per worker, no per-run banners
     L.seed_everything(job["seed"], verbose=False)
     datamodule = GaussianMixtureDataModule(**job["data"])  # the same data for every seed
     model = FGAN(data_shape=datamodule.dims, **{**job["model"], "divergence": job["divergence"],
@@ -89,11 +74,8 @@ def train_one(job: dict) -> dict:
             if coverage.last is not None and not trainer.sanity_checking:
                 history.append((trainer.current_epoch + 1, coverage.last.num_covered, coverage.last.high_quality_fraction))
 
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=job["epochs"], limit_val_batches=1,
-        check_val_every_n_epoch=job["eval_every"], num_sanity_val_steps=0, callbacks=[coverage, Record()],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = common.bare_trainer(max_epochs=job["epochs"], limit_val_batches=1, check_val_every_n_epoch=job["eval_every"],
+                                  callbacks=[coverage, Record()])
     start = time.time()
     stopped = ""
     try:
@@ -126,11 +108,8 @@ def status(modes: list[int], finite: list[bool], stopped: list[str]) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The final samples of the first seed, one panel per configuration."""
+    plt = common.pyplot()
     shown = [r for r in results if r["samples"] is not None]
     cols = 5
     rows = math.ceil(len(shown) / cols)
@@ -139,30 +118,63 @@ def plot(results: list[dict], path: str) -> None:
         ax.axis("off")
     for ax, r in zip(axes.flat, shown):
         critic = "SN critic" if r["lipschitz"] == "spectral_norm" else "critic"
-        common.draw_ring_panel(ax, [(r["samples"], None)], r["centers"],
-                               f"{r['divergence']} ({critic})\n{r['modes_covered']}/8 modes, "
-                               f"HQ {r['high_quality_fraction']:.2f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        draw_ring_panel(ax, [(r["samples"], None)], r["centers"],
+                        f"{r['divergence']} ({critic})\n{r['modes_covered']}/8 modes, HQ {r['high_quality_fraction']:.2f}")
+    common.save_figure(fig, path, dpi=80)
+
+
+def summarize(results: list[dict], divergences: list[str] | None, elapsed: float) -> dict[tuple[str, str], str]:
+    """Print the table per configuration (modes per seed, mean, high-quality fraction, status) and
+    the verdict lines; returns the status of each (divergence, lipschitz)."""
+    print(f"\n{'divergence':<16}{'critic':<15}{'modes per seed':<16}{'mean':>6}{'HQ mean':>9}  status")
+    summary = {}
+    for d, lip in configurations(divergences):
+        rs = [r for r in results if r["divergence"] == d and r["lipschitz"] == lip]
+        modes = [r["modes_covered"] for r in rs]
+        summary[d, lip] = status(modes, [r["finite"] for r in rs], [r["stopped"] for r in rs])
+        hq = mean(r["high_quality_fraction"] for r in rs)
+        print(f"{d:<16}{lip:<15}{' '.join(map(str, modes)):<16}{mean(modes):>6.2f}{hq:>9.3f}  {summary[d, lip]}")
+    steps = max(r["steps"] for r in results)
+    print(f"({steps} generator steps per run unless stopped; {elapsed:.0f} s wall clock, "
+          f"{sum(r['seconds'] for r in results):.0f} s of training in all)")
+    collapsed = [f"{d}{' (SN)' if lip != 'none' else ''}" for (d, lip), s in summary.items() if s != "covers"]
+    print(f"collapse or divergence (mean < {COLLAPSE_BELOW} modes, or non-finite): {', '.join(collapsed) or 'none'}")
+    for d in ("jensen_shannon", "gan"):
+        modes = [r["modes_covered"] for r in results if r["divergence"] == d and r["lipschitz"] == "none"]
+        if modes:
+            print(f"{d}: modes covered {modes} (target >= 6 of 8)")
+    return summary
+
+
+def write_files(results: list[dict], summary: dict[tuple[str, str], str], stem: str) -> None:
+    """<stem>.csv (one row per run), <stem>_history.csv (coverage during training), <stem>.png."""
+    common.write_csv(stem + ".csv", [
+        {"divergence": r["divergence"], "lipschitz": r["lipschitz"], "seed": r["seed"], "epochs": r["epochs"],
+         "steps": r["steps"], "modes_covered": r["modes_covered"],
+         "high_quality_fraction": f"{r['high_quality_fraction']:.4f}", "finite": r["finite"], "stopped": r["stopped"],
+         "per_mode_counts": r["per_mode"], "status": summary[r["divergence"], r["lipschitz"]],
+         "seconds": f"{r['seconds']:.1f}"} for r in results])
+    common.write_csv(stem + "_history.csv", [
+        {"divergence": r["divergence"], "lipschitz": r["lipschitz"], "seed": r["seed"], "epoch": epoch,
+         "modes_covered": modes, "high_quality_fraction": f"{hq:.4f}"}
+        for r in results for epoch, modes, hq in r["history"]])
+    plot(results, stem + ".png")
+    print(f"wrote {stem}.csv, {stem}_history.csv and {stem}.png")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed and 40 epochs (a few minutes)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2; quick: 0)")
-    parser.add_argument("--epochs", type=int, help="epochs per run (default: the config's; quick: 40)")
+    add_seed_arguments(parser, QUICK_EPOCHS)
     parser.add_argument("--eval_every", type=int, default=10, help="epochs between coverage records")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel processes, one core each (default: up to 2)")
     parser.add_argument("--divergences", nargs="+", help="registry rows to train (default: all eight)")
     parser.add_argument("--config", default=CONFIG)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
 
-    model_args, data_args, config_epochs = load_settings(args.config)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    epochs = args.epochs or (40 if args.quick else config_epochs)
+    model_args, data_args, config_epochs = common.config_parts(args.config)
+    seeds, epochs = seeds_and_epochs(args, QUICK_EPOCHS, config_epochs)
     jobs = [
         dict(divergence=d, lipschitz=lip, seed=s, epochs=epochs, eval_every=min(args.eval_every, epochs),
              model=model_args, data=data_args, plot_seed=seeds[0])
@@ -172,51 +184,13 @@ def main() -> None:
           f"{args.workers} worker(s); settings from {os.path.relpath(args.config)}", flush=True)
     start = time.time()
     results = []
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
-        for r in pool.map(train_one, jobs):
-            results.append(r)
-            note = f"; stopped: {r['stopped']}" if r["stopped"] else ""
-            print(f"[{len(results)}/{len(jobs)}] {r['divergence']:<16}{r['lipschitz']:<14}seed {r['seed']}: "
-                  f"{r['modes_covered']} modes, HQ {r['high_quality_fraction']:.3f} ({r['seconds']:.0f} s){note}",
-                  flush=True)
-    elapsed = time.time() - start
-
-    print(f"\n{'divergence':<16}{'critic':<15}{'modes per seed':<16}{'mean':>6}{'HQ mean':>9}  status")
-    summary = {}
-    for d, lip in configurations(args.divergences):
-        rs = [r for r in results if r["divergence"] == d and r["lipschitz"] == lip]
-        modes = [r["modes_covered"] for r in rs]
-        summary[d, lip] = status(modes, [r["finite"] for r in rs], [r["stopped"] for r in rs])
-        hq = mean(r["high_quality_fraction"] for r in rs)
-        print(f"{d:<16}{lip:<15}{' '.join(map(str, modes)):<16}{mean(modes):>6.2f}{hq:>9.3f}  {summary[d, lip]}")
-    steps = max(r["steps"] for r in results)
-    print(f"({steps} generator steps per run unless stopped; {elapsed:.0f} s wall clock, {sum(r['seconds'] for r in results):.0f} s "
-          f"of training in all)")
-    collapsed = [f"{d}{' (SN)' if lip != 'none' else ''}" for (d, lip), s in summary.items() if s != "covers"]
-    print(f"collapse or divergence (mean < {COLLAPSE_BELOW} modes, or non-finite): {', '.join(collapsed) or 'none'}")
-    for d in ("jensen_shannon", "gan"):
-        modes = [r["modes_covered"] for r in results if r["divergence"] == d and r["lipschitz"] == "none"]
-        if modes:
-            print(f"{d}: modes covered {modes} (target >= 6 of 8)")
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "fgan_mode_coverage" + ("_quick" if args.quick else ""))
-    with open(stem + ".csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["divergence", "lipschitz", "seed", "epochs", "steps", "modes_covered",
-                         "high_quality_fraction", "finite", "stopped", "per_mode_counts", "status", "seconds"])
-        for r in results:
-            writer.writerow([r["divergence"], r["lipschitz"], r["seed"], r["epochs"], r["steps"], r["modes_covered"],
-                             f"{r['high_quality_fraction']:.4f}", r["finite"], r["stopped"], " ".join(map(str, r["per_mode"])),
-                             summary[r["divergence"], r["lipschitz"]], f"{r['seconds']:.1f}"])
-    with open(stem + "_history.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["divergence", "lipschitz", "seed", "epoch", "modes_covered", "high_quality_fraction"])
-        for r in results:
-            for epoch, modes, hq in r["history"]:
-                writer.writerow([r["divergence"], r["lipschitz"], r["seed"], epoch, modes, f"{hq:.4f}"])
-    plot(results, stem + ".png")
-    print(f"wrote {stem}.csv, {stem}_history.csv and {stem}.png")
+    for r in common.map_in_workers(train_one, jobs, args.workers):
+        results.append(r)
+        note = f"; stopped: {r['stopped']}" if r["stopped"] else ""
+        print(f"[{len(results)}/{len(jobs)}] {r['divergence']:<16}{r['lipschitz']:<14}seed {r['seed']}: "
+              f"{r['modes_covered']} modes, HQ {r['high_quality_fraction']:.3f} ({r['seconds']:.0f} s){note}", flush=True)
+    summary = summarize(results, args.divergences, time.time() - start)
+    write_files(results, summary, common.result_stem("fgan_mode_coverage", args.quick, args.out))
 
 
 if __name__ == "__main__":

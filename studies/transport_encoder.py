@@ -1,4 +1,4 @@
-"""How low the critic-free primal of a GAUSSIAN encoder can go for a fixed G (SPEC 4).
+"""How low the critic-free primal of a GAUSSIAN encoder can go for a fixed G (docs/theory.md 3.2, 4.5).
 
 The primal fWAE_{c,lambda}(P_X, G) = inf_E E c(x, G(E(x))) + lambda D_f(Q_Z || P_Z) is <= W_c(P_X, P_G)
 because the encoder class is rich: the encoder that follows an optimal coupling of P_X and P_G back
@@ -15,17 +15,17 @@ with Q_N,s = (1/N) sum_j N(sqrt(1 - s^2) z_j, s^2 I) (its covariance is about I)
 `monte_carlo_divergence`. s -> 0 gives recon W_N = W_c(X, Y) but a spiky mixture; s = 1 is the
 collapsed encoder Q(z|x) = P_Z (D_f = 0, recon = E c(X, G(Z)) for an independent Z). Each s is a
 feasible Gaussian encoder, so min_s primal(s, lambda) is a value the Gaussian class reaches on P_X^N
-(an upper bound on its inf, not the inf). The table shows it against lambda and N: it rises from W_N
-towards the collapsed value as lambda grows, and the rise comes later for larger N. That is, for a
-Gaussian encoder and a critic-free estimate, "the primal tends to W_c as lambda grows" needs N to
-grow with lambda.
+(an upper bound on its inf, not the inf). The table gives it against lambda and N, to see whether
+"the primal tends to W_c as lambda grows" holds for a Gaussian encoder and a critic-free estimate
+at a fixed N, or only when N grows with lambda.
 
-G is the chain benchmark's injective generator, trained by its quick recipe (`primal_dual_chain.py`:
-ring of 8 Gaussians, std 0.1, MC training estimator, MaxMin critic) at one (f, lambda).
+G is the chain study's injective generator, trained by its quick recipe
+(`studies.chain.training.train_quick_generator`: ring of 8 Gaussians, std 0.1, MC training
+estimator, MaxMin critic) at one (f, lambda).
 
-    python benchmarks/transport_encoder.py [--sizes 500 1000 2000 4000] [--train_lambda 10]
+    python -m studies.transport_encoder [--sizes 500 1000 2000 4000] [--train_lambda 10]
 
-Writes benchmarks/results/transport_encoder.{md,csv,json,png}. About 1-2 minutes on the 2-core machine.
+Writes studies/results/transport_encoder.{md,csv,json,png}; docs/STUDIES.md reads them.
 """
 
 from __future__ import annotations
@@ -33,39 +33,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from primal_dual_chain import QUICK, RING_STD, build_model, load_settings, make_datamodule, quiet  # noqa: E402
+from benchmarks import common
+from benchmarks.machine import describe_machine, machine_info
+from studies.chain.training import train_quick_generator
+from studies.common import RESULTS, report_title, ring_points
 
 NAME = "transport_encoder"
 WIDTHS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.85, 1.0]
 DRAWS_PER_POINT = 8
 MC_SAMPLES = 8192
-
-
-def train_generator(divergence: str, lambda_: float, seed: int) -> tuple[Any, Any]:
-    """A PrimalDual with the chain's injective G, trained by the chain's quick recipe on the ring."""
-    import lightning as L
-
-    model_args, data_args, _ = load_settings("gaussians")
-    datamodule = make_datamodule("gaussians", data_args, RING_STD)
-    L.seed_everything(seed, verbose=False)
-    model = build_model({"kind": "primal_dual", "dataset": "gaussians", "divergence": divergence, "lambda": lambda_,
-                         "alpha": model_args["alpha"], "training_estimator": "monte_carlo",
-                         "critic_activation": "maxmin"}, datamodule, model_args)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=QUICK["epochs"]["gaussians"],
-                        limit_train_batches=QUICK["train_batches"]["gaussians"], limit_val_batches=0,
-                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, datamodule=datamodule)
-    return model.eval(), datamodule
 
 
 def assignment(x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, float]:
@@ -83,7 +65,7 @@ def transport_encoder_terms(generator: Any, x: torch.Tensor, z: torch.Tensor, di
                             seed: int) -> list[dict]:
     """recon(s) and D_f(Q_N,s || P_Z) for every width s in WIDTHS and every f. x (N, D) data, z (N, d_z)
     latent draws already permuted so that z[i] is the code assigned to x[i]."""
-    from lightning_modules.latent_divergence import monte_carlo_divergence
+    from maths.gaussian_codes import monte_carlo_divergence
 
     rows = []
     for s in WIDTHS:
@@ -120,18 +102,16 @@ def main() -> None:
     parser.add_argument("--train_divergence", default="kl", help="f of the training run that gives G")
     parser.add_argument("--train_lambda", type=float, default=10.0, help="lambda of the training run that gives G")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=common.RESULTS)
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
-    quiet()
-    common.set_torch_threads()
+    common.quiet_worker(common.THREADS)
     start = time.time()
-    model, datamodule = train_generator(args.train_divergence, args.train_lambda, args.seed)
+    model, datamodule = train_quick_generator(args.train_divergence, args.train_lambda, args.seed)
     print(f"trained G ({args.train_divergence}, lambda {args.train_lambda:g}) in {time.time() - start:.0f} s")
-    from datamodules.toy2d import sample_mixture
 
     rows, terms_by_size = [], {}
     for n in args.sizes:
-        x = sample_mixture(datamodule.centers, datamodule.std, n, torch.Generator().manual_seed(1000 + n)).tensors[0]
+        x = ring_points(datamodule.centers, datamodule.std, n, 1000 + n)
         z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(2000 + n), dtype=torch.float64)
         with torch.no_grad():
             y = model.decode(z.float()).double()  # (N, 2)
@@ -161,10 +141,10 @@ def ratio_table(rows: list[dict], sizes: list[int]) -> str:
 
 def write_outputs(rows: list[dict], terms_by_size: dict[int, list[dict]], args: argparse.Namespace,
                   elapsed: float) -> None:
-    machine = common.machine_info()
+    machine = machine_info()
     first = {n: next(r for r in rows if r["N"] == n) for n in args.sizes}
     text = "\n".join([
-        f"# {NAME}: {common.command_line()}",
+        report_title(NAME),
         "",
         f"G: the chain's injective generator trained by its quick recipe ({args.train_divergence}, lambda "
         f"{args.train_lambda:g}, seed {args.seed}). Best primal of the transport encoder over widths s in "
@@ -178,7 +158,7 @@ def write_outputs(rows: list[dict], terms_by_size: dict[int, list[dict]], args: 
         "",
         ratio_table(rows, args.sizes),
         "",
-        f"{common.describe_machine(machine)}; {elapsed:.0f} s.",
+        f"{describe_machine(machine)}; {elapsed:.0f} s.",
     ])
     stem = os.path.join(args.out, NAME)
     common.write_report(stem, text, rows, {"settings": vars(args), "widths": WIDTHS, "rows": rows,
@@ -188,11 +168,7 @@ def write_outputs(rows: list[dict], terms_by_size: dict[int, list[dict]], args: 
 
 
 def plot(rows: list[dict], args: argparse.Namespace, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, len(args.divergences), figsize=(4.2 * len(args.divergences), 3.6), squeeze=False)
     for ax, f in zip(axes[0], args.divergences):
         for n in args.sizes:
@@ -204,9 +180,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: str) -> None:
         ax.set_xlabel("lambda")
         ax.set_title(f"{f}: best Gaussian-encoder primal / W_N")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Both sides of the chain, optimised further against a FROZEN generator (SPEC 4, 5).
+"""Both sides of the chain, optimised further against a FROZEN generator (docs/theory.md 4.1, 4.4, 4.5).
 
 The dual GAN_{lambda f}(P_X, G; H_c) is a sup over critics and the primal fWAE_{c,lambda}(P_X, G) an
 inf over encoders. Trained beside a moving G, both the critic and the encoder are weak points of
 their optimisation problems; with G fixed at the end of training, these functions run more steps of
-each, so that the chain benchmark compares values closer to the sup and the inf for the final G.
+each, so that the chain study compares values closer to the sup and the inf for the final G.
 Neither step can make a reported bound false: any critic gives a certified lower bound after the
 division by max(1, L), and any encoder gives a primal value at least the inf.
 """
@@ -31,7 +31,7 @@ def refine_critic(model: Any, datamodule: Any, steps: int, seed: int) -> None:
         for batch in datamodule.train_dataloader():
             x = model.batch_data(batch)  # (B, *data_shape)
             fake = model.sample(len(x))  # no gradient: G is frozen
-            loss, _, _ = model.critic_loss(x, fake)
+            loss = model.critic.loss(x, fake)[0]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -92,7 +92,7 @@ def refine_encoder(
     """
     if steps <= 0:
         return -1
-    from lightning_modules.latent_divergence import batch_monte_carlo_divergence, reparameterize
+    from maths.gaussian_codes import batch_monte_carlo_divergence, reparameterize
 
     hp = model.hparams
     if hp.encoder_type != "gaussian":
@@ -114,7 +114,7 @@ def refine_encoder(
             mean, log_var = model.encode_parameters(x)  # (B, d_z) each
             z = reparameterize(mean, log_var)  # (B, d_z)
 
-            latent_objective = model.latent_divergence_critic(z.detach(), model.sample_latent(len(x)))
+            latent_objective = model.latent_critic.objective(z.detach(), model.sample_latent(len(x)))
             latent_opt.zero_grad()
             (-latent_objective).backward()
             latent_opt.step()
@@ -143,7 +143,7 @@ def primal_objective(model: Any, x: torch.Tensor, seed: int, num_samples: int = 
     """recon + lambda * D_f(Q_S || P_Z) of the Gaussian encoder on the points x (S, *data_shape), with
     fixed draws (`seed`): one code per point, and `monte_carlo_divergence` for the mixture Q_S of
     their S Gaussians. The same draws for every call, so that encoders are compared on equal terms."""
-    from lightning_modules.latent_divergence import monte_carlo_divergence
+    from maths.gaussian_codes import monte_carlo_divergence
 
     model.eval()
     generator = torch.Generator().manual_seed(30_000 + seed)
