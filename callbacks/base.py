@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from maths.layers import eval_mode
+from maths.precision import autocast_off
 from transport.costs import COST_NAMES
 
 SIGNATURES = {"sample": "sample(num_samples) -> Tensor", "encode": "encode(x) -> Tensor", "decode": "decode(z) -> Tensor"}
@@ -60,11 +61,12 @@ def resolve_cost(pl_module: L.LightningModule, callback: object) -> str:
 
 @contextmanager
 def frozen_eval(module: torch.nn.Module, seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Inside the block: eval mode, no gradients, the CPU (and a CUDA `device`'s) RNG seeded with
-    `seed`. After it: each submodule's own train/eval flag and those RNG states as before."""
+    """Inside the block: eval mode, no gradients, no autocast (samples in the module's own dtype), the
+    CPU (and a CUDA `device`'s) RNG seeded with `seed`. After it: each submodule's own train/eval
+    flag and those RNG states as before."""
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module):
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eval_mode(module), autocast_off(device):
         torch.random.default_generator.manual_seed(seed)
         for d in devices:  # only the forked device: other GPUs' states are not restored by fork_rng
             with torch.cuda.device(d):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -62,6 +63,17 @@ class DomainFeatureNet(nn.Module):
         return self.head(self.body(x))
 
 
+@contextmanager
+def _nondeterministic() -> Iterator[None]:
+    """PyTorch's deterministic-algorithms mode off inside the block, the caller's setting after."""
+    mode, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
 def _batches(loader: Any) -> Any:
     """(x, y) pairs of a loader of `(x, y, ...)` batches."""
     return ((batch[0], batch[1]) for batch in loader)
@@ -74,9 +86,12 @@ def train_domain_features(
 
     Runs under `torch.random.fork_rng`, so the caller's random state is untouched. Returns the
     network (eval mode, no gradients) and its accuracy on the validation split (None if there is none).
+    Runs with PyTorch's deterministic-algorithms mode off, whatever the caller set (the adaptive
+    pooling's backward has no deterministic CUDA kernel): the network is trained once, saved and
+    reused, so the training run's own reproducibility does not depend on it.
     """
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), _nondeterministic():
         torch.manual_seed(seed)  # the initial weights too: attaching FID must not move training's random stream
         net = DomainFeatureNet(datamodule.dims, datamodule.num_classes, feature_name=datamodule_feature_name(datamodule))
         net.to(device).train()

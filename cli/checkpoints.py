@@ -154,3 +154,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(folder)
         except OSError:
             pass  # some filesystems cannot fsync a folder; the file itself is on disk
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Load the checkpoint every process resumes from: rank 0's file.
+
+        Each process resolves `--ckpt_path` (`last` included) on its own disk before the process
+        group exists, so nodes without shared storage could pick different files. Here, with the
+        group up, every rank takes rank 0's path; a rank that does not have that file, or whose file
+        is another step of training, stops with a message naming both.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return super().load_checkpoint(path, *args, **kwargs)
+        chosen = [str(path)]
+        dist.broadcast_object_list(chosen, src=0)
+        local = chosen[0].removeprefix("file://")
+        present = [None] * dist.get_world_size()  # every rank learns who lacks the file: all stop together
+        dist.all_gather_object(present, "://" in local or Path(local).is_file())
+        if not all(present):
+            lacking = [rank for rank, has in enumerate(present) if not has]
+            raise FileNotFoundError(
+                f"Rank(s) {lacking} cannot resume from {chosen[0]}, the checkpoint rank 0 resolved (rank "
+                f"{dist.get_rank()} resolved {path}): the nodes do not share the checkpoint folder. Put the run "
+                "folder on storage every node sees, or copy the checkpoint to the same path on every node and "
+                "pass --ckpt_path FILE."
+            )
+        checkpoint = super().load_checkpoint(chosen[0], *args, **kwargs)
+        position = [(checkpoint.get("global_step"), checkpoint.get("epoch"))]
+        positions = [None] * dist.get_world_size()
+        dist.all_gather_object(positions, position[0])
+        if len(set(positions)) > 1:
+            raise ValueError(
+                f"The ranks loaded different checkpoints from {chosen[0]} (global step, epoch per rank: {positions}): "
+                "the file differs between nodes. Put the run folder on storage every node sees, or copy rank 0's "
+                "checkpoint to every node."
+            )
+        return checkpoint

@@ -6,9 +6,11 @@ What it adds to Lightning's CLI:
   dataset;
 - `--ckpt_path last` resumes the newest `last.ckpt` of the config's logger and keeps logging into
   that version folder; `--ckpt_path FILE` is checked before any work (`cli.checkpoints`);
-- DDP runs modules that optimise manually with `find_unused_parameters=True` (each of their
-  backward passes reaches one network only, which DDP's default reducer refuses); an explicit
-  `ddp_find_unused_parameters_false` is kept;
+- DDP: the project's models reduce the gradients of each update themselves (one all-reduce of the
+  network that update changes, `GenerativeModule.guarded_step`); other modules that optimise
+  manually run with `find_unused_parameters=True` (each of their backward passes reaches one
+  network only, which DDP's default reducer refuses); an explicit `ddp_find_unused_parameters_false`
+  is kept;
 - checkpoints are written atomically (`AtomicCheckpointIO`);
 - bad input (wrong shapes, unknown names, missing data, a bad checkpoint, a non-finite loss, a
   callback the model cannot serve) is printed as one message with exit status 2;
@@ -33,6 +35,7 @@ import callbacks  # noqa: F401  (registers the callbacks for short names in conf
 import datamodules  # noqa: F401  (registers the datamodules for --data NAME)
 import lightning_modules  # noqa: F401  (registers the models for --model NAME)
 from cli.checkpoints import AtomicCheckpointIO, check_checkpoint_file, resolve_last
+from lightning_modules.base import GenerativeModule
 from lightning_modules.reliability import NonFiniteError
 
 TRACEBACK_VARIABLE = "PRIMAL_DUAL_TRACEBACK"
@@ -77,6 +80,7 @@ class PrimalDualCLI(LightningCLI):
             and "find_unused_parameters" not in ddp_kwargs
             and self.model is not None
             and not self.model.automatic_optimization
+            and not isinstance(self.model, GenerativeModule)  # ours average each update's gradients themselves
         ):
             ddp_kwargs["find_unused_parameters"] = True  # read when the model is wrapped, at fit time
             rank_zero_info(

@@ -19,6 +19,7 @@ without the data.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -124,7 +125,9 @@ class BaseDataModule(L.LightningDataModule):
         data_dir: root folder of the on-disk datasets (each has its own subfolder below it).
         download: fetch missing files from the internet in ``prepare_data``.
         batch_size: samples per batch, for all three dataloaders.
-        num_workers: dataloader worker processes (0 loads in the main process).
+        num_workers: dataloader worker processes (0 loads in the main process); None (default): 0 on
+            CPU, where workers would take cores from training, and for data held in memory; on a GPU,
+            workers for data read and decoded from disk (half the CPU cores, at most 8).
         val_fraction: share of the training data held out for validation, in [0, 1).
         seed: seeds the train/val/test split and the training shuffle.
 
@@ -138,6 +141,7 @@ class BaseDataModule(L.LightningDataModule):
     dims: tuple[int, ...]
     num_classes: int | None = None
     data_range: tuple[float, float] | None = IMAGE_RANGE
+    in_memory = False  # the data are tensors already: worker processes would only add copies
     expected_files: tuple[str, ...] = ()  # relative to dataset_folder
     download_fix: str = DOWNLOAD_FIX  # the fix named when the files are missing
     download_note: str = ""  # appended to the message of a failed download
@@ -147,14 +151,14 @@ class BaseDataModule(L.LightningDataModule):
         data_dir: str = "data",
         download: bool = False,
         batch_size: int = 100,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_positive("batch_size", batch_size)
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or None (chosen for the device), got {num_workers}")
         check_fraction("val_fraction", val_fraction)
         self.data_dir, self.download, self.seed = data_dir, download, seed
         self.batch_size, self.num_workers, self.val_fraction = batch_size, num_workers, val_fraction
@@ -229,16 +233,28 @@ class BaseDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
 
+    def loader_settings(self) -> tuple[int, bool]:
+        """(worker processes, pinned memory) for this run's device: see `num_workers`. Batches are
+        pinned when they go to a GPU, so that the copy overlaps the step."""
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        if workers is None:
+            workers = 0 if self.in_memory or not on_gpu else min(8, max(1, (os.cpu_count() or 2) // 2))
+        return workers, on_gpu
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a dataloader")
+        workers, pin_memory = self.loader_settings()
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
             # workers' base seed is drawn from this generator, not from the global random state
             generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            persistent_workers=workers > 0,
             drop_last=False,
         )

@@ -45,12 +45,13 @@ class DigitsDataModule(BaseDataModule):
     """
 
     name = "digits"
+    in_memory = True
 
     def __init__(
         self,
         image_size: int = DIGITS_SIZE,
         batch_size: int = 100,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,

@@ -59,7 +59,7 @@ class ImageFolderDataModule(BaseDataModule):
         image_size: int = 64,
         channels: int = 3,
         batch_size: int = 100,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,

@@ -64,6 +64,7 @@ class GaussianMixtureDataModule(BaseDataModule):
     """
 
     name = "gaussian mixture"
+    in_memory = True
     data_range = None
 
     def __init__(
@@ -76,7 +77,7 @@ class GaussianMixtureDataModule(BaseDataModule):
         num_val_samples: int = 1000,
         num_test_samples: int = 1000,
         batch_size: int = 100,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)

@@ -180,7 +180,7 @@ class CelebADataModule(BaseDataModule):
         data_dir: str = "data",
         download: bool = False,
         batch_size: int = 100,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(data_dir, download, batch_size, num_workers, seed=seed)

@@ -59,6 +59,8 @@ class FGAN(GenerativeModule):
         skip_nonfinite_critic_steps: skip a critic step whose loss is NaN or infinite (no update,
             optimiser state untouched; counted in `train/skipped_critic_steps`) instead of stopping.
             A non-finite generator loss always stops training.
+        channels_last, compile: speed options (`GenerativeModule.configure_model`): image networks in
+            channels-last memory order; each network compiled with `torch.compile`.
         generator, critic: networks to use instead of the builders' (generator (B, latent_dim) ->
             (B, *data_shape), critic -> (B,)); not saved as hyperparameters: pass them again to
             `load_from_checkpoint`.
@@ -86,6 +88,8 @@ class FGAN(GenerativeModule):
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: OutputActivation = "auto",
         skip_nonfinite_critic_steps: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         generator: nn.Module | None = None,
         critic: nn.Module | None = None,
     ) -> None:
@@ -124,19 +128,15 @@ class FGAN(GenerativeModule):
             values = {"train/critic_objective": objective, "train/critic_loss": loss}
             return loss, values if grad_norm is None else {**values, "train/gradient_norm": grad_norm}
 
-        values, skipped = self.adversary_steps(opt_critic, critic_step, hp.n_critic, "train/critic_loss")
+        self.adversary_steps(opt_critic, critic_step, hp.n_critic, "train/critic_loss")
 
         self.toggle_optimizer(opt_generator)
         generator_loss = self.generator_loss(self.decode(self.sample_latent(real.shape[0])))
-        self.check_finite("train/generator_loss", generator_loss)
-        opt_generator.zero_grad()
-        self.manual_backward(generator_loss)
-        opt_generator.step()
+        self.guarded_step(opt_generator, {"train/generator_loss": generator_loss}, {"train/generator_loss": generator_loss})
         self.untoggle_optimizer(opt_generator)
 
-        values["train/generator_loss"] = generator_loss
+        values = self.finish_step()
         self.log_dict({k: v.detach() for k, v in values.items()}, on_step=True, on_epoch=True)
-        self.log_skipped_critic_steps(skipped)
 
     # ---- evaluation: the dual value and its certificate ----------------------------------------
 
@@ -150,13 +150,7 @@ class FGAN(GenerativeModule):
         # The critic does not change during evaluation: one certificate per epoch.
         self._epoch_bound = self.critic.network_bound() if self.hparams.lipschitz != "none" else None
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_eval("val", batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_eval("test", batch)
-
-    def _shared_eval(self, split: str, batch: Any) -> None:
+    def evaluation_step(self, split: str, batch: Any, batch_idx: int) -> None:
         real = self.batch_data(batch)
         fake = self.sample(real.shape[0])
         with torch.no_grad(), eval_mode(self.critic):
@@ -171,8 +165,5 @@ class FGAN(GenerativeModule):
             self.log(f"{split}/dual_lower_bound", self.critic.certified_value(real, fake, self._epoch_bound), sync_dist=True)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        betas = tuple(self.hparams.betas)
-        return [
-            torch.optim.Adam(self.decoder.parameters(), lr=self.hparams.lr, betas=betas),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, betas=betas),
-        ]
+        hp = self.hparams
+        return [self.adam(self.decoder.parameters(), hp.lr, hp.betas), self.adam(self.critic.parameters(), hp.critic_lr, hp.betas)]

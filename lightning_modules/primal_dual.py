@@ -93,6 +93,8 @@ class PrimalDual(Autoencoder):
         output_activation: "auto" (tanh for images in [-1, 1], none for vectors), "tanh", "none".
         skip_nonfinite_critic_steps: skip a critic step whose loss is NaN or infinite (counted in
             `train/skipped_critic_steps`) instead of stopping.
+        channels_last, compile: speed options (`GenerativeModule.configure_model`): image networks in
+            channels-last memory order; each network compiled with `torch.compile`.
         encoder, decoder, critic, latent_critic: networks to use instead of the builders' (encoder
             (B, *data_shape) -> (B, d_z), or 2 d_z for a Gaussian encoder; decoder (B, d_z) ->
             (B, *data_shape); critics -> (B,)). Not saved as hyperparameters: pass them again to
@@ -131,6 +133,8 @@ class PrimalDual(Autoencoder):
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: OutputActivation = "auto",
         skip_nonfinite_critic_steps: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         critic: nn.Module | None = None,
@@ -248,31 +252,27 @@ class PrimalDual(Autoencoder):
             values = {"train/critic_objective": objective, "train/critic_loss": loss}
             return loss, values if grad_norm is None else {**values, "train/gradient_norm": grad_norm}
 
-        values, skipped_latent = self.adversary_steps(opt_latent, latent_step, hp.n_critic, "train/latent_critic_loss")
-        critic_values, skipped = self.adversary_steps(opt_critic, critic_step, hp.n_critic, "train/critic_loss")
-        values.update(critic_values)
+        self.adversary_steps(opt_latent, latent_step, hp.n_critic, "train/latent_critic_loss")
+        self.adversary_steps(opt_critic, critic_step, hp.n_critic, "train/critic_loss")
 
         # E descends the primal; G descends alpha * primal + (1 - alpha) * dual generator loss.
         self.toggle_optimizer(opt_ae)
         primal, recon, penalty = self.primal_loss(x, z, self.sample_latent(batch_size).to(z.dtype), code_parameters)
-        self.check_finite("train/primal", primal)
+        losses = {"train/primal": primal}
         dual_generator = None
         if hp.alpha < 1.0:
             dual_generator = self.critic.generator_loss(self.decode(self.sample_latent(batch_size)), hp.generator_loss)
-            self.check_finite("train/dual_generator_loss", dual_generator)
-        opt_ae.zero_grad()
-        self._backward_encoder_generator(primal, dual_generator)
-        opt_ae.step()
-        self.untoggle_optimizer(opt_ae)
-
-        values.update({
+            losses["train/dual_generator_loss"] = dual_generator
+        values = {
             "train/recon": recon,
             f"train/latent_divergence_{hp.training_estimator}": penalty,
             "train/primal": primal,
             "train/generator_loss": self.combined_generator_loss(primal, dual_generator),
-        })
+        }
+        self.guarded_step(opt_ae, losses, values, backward=lambda: self._backward_encoder_generator(primal, dual_generator))
+        self.untoggle_optimizer(opt_ae)
+        values = self.finish_step()
         self.log_dict({k: v.detach() for k, v in values.items()}, on_step=True, on_epoch=True)
-        self.log_skipped_critic_steps(skipped_latent + skipped)
 
     def _backward_encoder_generator(self, primal: Tensor, dual_generator: Tensor | None) -> None:
         """Gradients: encoder d(primal)/dE; generator d/dG [alpha * primal + (1 - alpha) * dual_generator].
@@ -293,11 +293,11 @@ class PrimalDual(Autoencoder):
         self.manual_backward((1.0 - alpha) * dual_generator)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        betas = tuple(self.hparams.betas)
+        hp = self.hparams
         return [
-            torch.optim.Adam(self.autoencoder_parameters(), lr=self.hparams.lr, betas=betas),
-            torch.optim.Adam(self.latent_critic.parameters(), lr=self.hparams.latent_critic_lr, betas=betas),
-            torch.optim.Adam(self.critic.parameters(), lr=self.hparams.critic_lr, betas=betas),
+            self.adam(self.autoencoder_parameters(), hp.lr, hp.betas),
+            self.adam(self.latent_critic.parameters(), hp.latent_critic_lr, hp.betas),
+            self.adam(self.critic.parameters(), hp.critic_lr, hp.betas),
         ]
 
     # ---- evaluation: the primal, the dual and the gap as epoch aggregates ----------------------
@@ -312,11 +312,6 @@ class PrimalDual(Autoencoder):
     def on_test_epoch_start(self) -> None:
         self._start_evaluation()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step("val", batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step("test", batch)
 
     def on_validation_epoch_end(self) -> None:
         self._end_evaluation("val")
@@ -328,7 +323,7 @@ class PrimalDual(Autoencoder):
         self._epoch_bound = self.critic.network_bound()  # the critic does not change during evaluation
         self.evaluation.reset()
 
-    def _evaluation_step(self, split: str, batch: Any) -> None:
+    def evaluation_step(self, split: str, batch: Any, batch_idx: int) -> None:
         real = self.batch_data(batch)  # (B, *data_shape)
         batch_size = real.shape[0]
         z, code_parameters = self.encode_with_parameters(real)

@@ -16,8 +16,8 @@ class NonFiniteError(FloatingPointError):
     """A training loss (or a weight about to be checkpointed) is NaN or infinite."""
 
 
-def nonfinite_message(module: L.LightningModule, name: str, loss: Tensor, critic: bool) -> str:
-    """What `check_finite` says when it stops a run: the step, the loss, the checkpoint kept, the fixes."""
+def nonfinite_message(module: L.LightningModule, name: str, loss: Tensor, step: int, critic: bool) -> str:
+    """What stops a run on a non-finite loss: the step, the loss, the checkpoint kept, the fixes."""
     values = loss.detach().float().flatten()
     bad = values[~torch.isfinite(values)]
     what = f"is {bad[0].item()}" if bad.numel() else "is not finite on another process"
@@ -39,7 +39,7 @@ def nonfinite_message(module: L.LightningModule, name: str, loss: Tensor, critic
     )
     epoch = f" (epoch {trainer.current_epoch})" if trainer is not None else ""
     return (
-        f"step {module.global_step}: {name} {what}{epoch}. Training stopped before this step changed any "
+        f"step {step}: {name} {what}{epoch}. Training stopped before this step changed any "
         f"weight; {kept}. Fixes: lower the learning rates, check the data for NaN or infinite values, "
         f"keep the critic Lipschitz (spectral_norm or gradient_penalty){skip}."
     )

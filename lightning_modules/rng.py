@@ -33,7 +33,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        # One state per device the saving process saw: a run resumed on fewer (or other) GPUs
+        # restores the devices it has, instead of failing on the ones it has not.
+        saved = states["cuda"]
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index], index)
 
 
 def seed_rank(rank: int) -> None:

@@ -69,6 +69,8 @@ class SinkhornGenerator(GenerativeModule):
         final_lr: None (constant lr) or the lr reached at the last step by an exponential decay
             from `lr` over the run (the minibatch matching is noisy: a decay averages it out).
         val_seed: seed of the latent codes of the validation samples (the same every epoch).
+        channels_last, compile: speed options (`GenerativeModule.configure_model`): image networks in
+            channels-last memory order; each network compiled with `torch.compile`.
         generator: a network to use instead of the builder's ((B, latent_dim) -> (B, *data_shape));
             not saved as a hyperparameter: pass it again to `load_from_checkpoint`.
     """
@@ -90,6 +92,8 @@ class SinkhornGenerator(GenerativeModule):
         betas: tuple[float, float] = (0.9, 0.999),
         output_activation: OutputActivation = "auto",
         val_seed: int = 0,
+        channels_last: bool = False,
+        compile: bool = False,
         generator: nn.Module | None = None,
     ) -> None:
         super().__init__(data_shape, latent_dim, prior)
@@ -152,10 +156,8 @@ class SinkhornGenerator(GenerativeModule):
         optimizer = self.optimizers()
         fake = self.decode(self.sample_latent(real.shape[0]))  # (N, *data_shape)
         loss = self.transport_objective(real, fake)
-        self.check_finite(f"train/{self.log_name}", loss)  # stops before a non-finite step changes weights
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
+        self.guarded_step(optimizer, {f"train/{self.log_name}": loss})
+        self.finish_step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -163,7 +165,7 @@ class SinkhornGenerator(GenerativeModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.decoder.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = self.adam(self.decoder.parameters(), hp.lr, hp.betas)
         if hp.final_lr is None:
             return optimizer
         steps = self.trainer.estimated_stepping_batches
@@ -177,19 +179,11 @@ class SinkhornGenerator(GenerativeModule):
 
     # ---- evaluation: the objective on held-out batches ----------------------------------------
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_eval("val", batch, batch_idx)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_eval("test", batch, batch_idx)
-
-    def _shared_eval(self, split: str, batch: Any, batch_idx: int) -> None:
+    def evaluation_step(self, split: str, batch: Any, batch_idx: int) -> None:
         real = self.batch_data(batch)  # (B, *data_shape)
         size = self.hparams.transport_batch_size
         real = real if size is None else real[:size]
-        # Seeded per batch and rank: the same value every epoch for the same model, training RNG untouched.
-        seed = self.hparams.val_seed + 1 + batch_idx + 100_003 * self.global_rank
-        fake = self.sample(real.shape[0], generator=torch.Generator(self.device).manual_seed(seed))
+        fake = self.sample(real.shape[0])  # seeded per batch and rank by `evaluation_context`
         value = self.transport_objective(real, fake)
         self.log(f"{split}/{self.log_name}", value, prog_bar=True, sync_dist=True, batch_size=real.shape[0])
         self.log(f"{split}/objective_is_upper_bound", float(self.objective_is_upper_bound), sync_dist=True)

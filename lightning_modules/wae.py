@@ -63,6 +63,8 @@ class WAE(Autoencoder):
         skip_nonfinite_critic_steps: skip a latent critic step whose loss is NaN or infinite (no
             update, optimiser state untouched; counted in `train/skipped_critic_steps`) instead of
             stopping. A non-finite autoencoder loss always stops training.
+        channels_last, compile: speed options (`GenerativeModule.configure_model`): image networks in
+            channels-last memory order; each network compiled with `torch.compile`.
         encoder, decoder, latent_critic: networks to use instead of the builders' (not saved as
             hyperparameters: pass them again to `load_from_checkpoint`).
     """
@@ -89,6 +91,8 @@ class WAE(Autoencoder):
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: OutputActivation = "auto",
         skip_nonfinite_critic_steps: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
         latent_critic: nn.Module | None = None,
@@ -136,29 +140,19 @@ class WAE(Autoencoder):
                 objective = self.latent_critic.objective(z.detach(), self.sample_latent(z.shape[0]).to(z.dtype))
                 return -objective, {"train/critic_objective": objective}
 
-            values, skipped = self.adversary_steps(optimizers[1], critic_step, self.hparams.n_critic, "train/latent_critic_loss")
-            if values:
-                self.log_dict({k: v.detach() for k, v in values.items()}, on_step=False, on_epoch=True)
-            self.log_skipped_critic_steps(skipped)
+            self.adversary_steps(optimizers[1], critic_step, self.hparams.n_critic, "train/latent_critic_loss")
 
         recon = self.reconstruction_cost(x, self.decode(z))
         penalty, penalty_loss = self.latent_penalty(z)
         loss = recon + self.hparams.lambda_ * penalty_loss
-        self.check_finite("train/autoencoder_loss", loss)
-        opt_ae.zero_grad()
-        self.manual_backward(loss)
-        opt_ae.step()
-
+        self.guarded_step(opt_ae, {"train/autoencoder_loss": loss})
+        values = self.finish_step()
+        if values:
+            self.log_dict({k: v.detach() for k, v in values.items()}, on_step=False, on_epoch=True)
         self._log_objective("train", recon, penalty, prog_bar=False)
         return loss.detach()
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_eval("val", batch)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_eval("test", batch)
-
-    def _shared_eval(self, split: str, batch: Any) -> None:
+    def evaluation_step(self, split: str, batch: Any, batch_idx: int) -> None:
         x = self.batch_data(batch)
         z = self.encode(x)
         recon = self.reconstruction_cost(x, self.decode(z))
@@ -172,8 +166,8 @@ class WAE(Autoencoder):
         self.log_dict(values, on_step=on_step, on_epoch=True, prog_bar=prog_bar, sync_dist=not on_step)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        betas = tuple(self.hparams.betas)
-        optimizers = [torch.optim.Adam(self.autoencoder_parameters(), lr=self.hparams.lr, betas=betas)]
+        hp = self.hparams
+        optimizers = [self.adam(self.autoencoder_parameters(), hp.lr, hp.betas)]
         if self.latent_critic is not None:
-            optimizers.append(torch.optim.Adam(self.latent_critic.parameters(), lr=self.hparams.critic_lr, betas=betas))
+            optimizers.append(self.adam(self.latent_critic.parameters(), hp.critic_lr, hp.betas))
         return optimizers

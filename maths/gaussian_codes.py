@@ -47,6 +47,7 @@ from torch import Tensor
 
 from maths.choices import check_choice
 from maths.divergences import FDivergence, get_divergence
+from maths.precision import autocast_off, promoted
 from maths.priors import check_prior_name
 
 LOG2 = math.log(2.0)
@@ -260,7 +261,8 @@ def batch_monte_carlo_divergence(
 
     divergence: registry name or FDivergence (its scale multiplies f).
     mean, log_var: (B, d) encoder Gaussians; codes: (B, d) their reparameterised draws;
-    prior_draws: (M, d) from the standard normal prior. Returns a 0-dim tensor (in mean's dtype).
+    prior_draws: (M, d) from the standard normal prior. Returns a 0-dim tensor (in mean's dtype,
+    float32 for bfloat16 or float16 inputs: computed outside autocast).
     As an estimate of D_f for the population Q_Z it is biased upwards (a mixture of B narrow
     Gaussians is spikier than Q_Z), which pushes the encoder's sigma up to the spacing of the codes.
     """
@@ -273,8 +275,11 @@ def batch_monte_carlo_divergence(
     if prior_draws.ndim != 2 or prior_draws.shape[1] != mean.shape[1] or len(prior_draws) < 1:
         raise ValueError(f"prior_draws must have shape (M, {mean.shape[1]}) with M >= 1, got {tuple(prior_draws.shape)}.")
 
+    mean, log_var, codes, prior_draws = (promoted(t) for t in (mean, log_var, codes, prior_draws))
+
     def weighted(z: Tensor) -> Tensor:  # (K, d) -> (K,): (p/m) f(q/p) at z
         log_ratio = mixture_log_density(z, mean, log_var) - prior_log_density(z)
         return importance_weighted_f(div, log_ratio)
 
-    return 0.5 * (weighted(prior_draws).mean() + weighted(codes).mean())
+    with autocast_off(mean.device):  # density ratios in float32 or float64 under mixed precision
+        return 0.5 * (weighted(prior_draws).mean() + weighted(codes).mean())

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from maths.precision import autocast_off
+
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
@@ -93,13 +95,14 @@ class ConvOperatorNorm(nn.Module):
         self.u.copy_(u / u.norm().clamp_min(1e-12))
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self.training:
-            with torch.no_grad():
-                for _ in range(self.n_power_iterations):
-                    self._power_step(weight)
-        # ||A u|| with ||u|| = 1, differentiable in W; u is cloned because the next forward
-        # updates the buffer in place while this graph may still need it for backward.
-        sigma = self._conv(self.u.clone(), weight).norm()
+        with autocast_off(weight.device):  # the power iteration and sigma in the weight's dtype
+            if self.training:
+                with torch.no_grad():
+                    for _ in range(self.n_power_iterations):
+                        self._power_step(weight)
+            # ||A u|| with ||u|| = 1, differentiable in W; u is cloned because the next forward
+            # updates the buffer in place while this graph may still need it for backward.
+            sigma = self._conv(self.u.clone(), weight).norm()
         return weight / sigma
 
 

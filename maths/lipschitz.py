@@ -95,7 +95,9 @@ def _top_eigenvalue(
     n = start.numel()
     size = min(basis, n)
     krylov = torch.zeros(size, n, dtype=start.dtype, device=start.device)  # orthonormal rows
-    tri = torch.zeros(size, size, dtype=torch.float64)  # the Lanczos tridiagonal T = Q^T M Q
+    # The small tridiagonal T = Q^T M Q lives on the CPU (its eigh is tiny); its Ritz vectors go back to
+    # the Krylov basis's device for the restart.
+    tri = torch.zeros(size, size, dtype=torch.float64)
     q, theta, used = start / start.norm(), 0.0, 0
     while used < max_iter:
         krylov.zero_()
@@ -117,7 +119,7 @@ def _top_eigenvalue(
             if k + 1 < size:
                 tri[k, k + 1] = tri[k + 1, k] = beta
                 krylov[k + 1] = w / beta
-        ritz = basis_k.T @ evecs[:, -1].to(krylov.dtype)  # (n,): restart from the top Ritz vector
+        ritz = basis_k.T @ evecs[:, -1].to(device=krylov.device, dtype=krylov.dtype)  # (n,): restart from the top Ritz vector
         q = ritz / ritz.norm()
     return theta, False
 
@@ -139,6 +141,15 @@ def linear_operator_norm(
     of A at x with cotangent A x. The estimate converges from below; at convergence (residual test
     with `tol`, see `_top_eigenvalue`) it is returned times (1 + 10 tol), an upper bound.
     """
+    # Autograd gives the convolutions' adjoints: out of inference mode (Lightning's trainer.validate
+    # runs hooks in it), so that the weights read here are ordinary tensors.
+    with torch.inference_mode(False):
+        return _operator_norm(layer, input_shape, tol, max_iter, generator)
+
+
+def _operator_norm(
+    layer: nn.Module, input_shape: tuple[int, ...], tol: float, max_iter: int, generator: torch.Generator | None
+) -> float:
     if isinstance(layer, nn.Linear):
         with eval_mode(layer), torch.no_grad():
             weight = layer.weight.detach()
@@ -150,8 +161,8 @@ def linear_operator_norm(
     shape = (1, *input_shape)
 
     def gram(v: Tensor) -> Tensor:  # (n,) -> (n,): A^T A v
-        x = v.reshape(shape).detach().requires_grad_(True)
         with torch.enable_grad():
+            x = v.reshape(shape).detach().requires_grad_(True)
             y = linear(x)  # (1, *output_shape)
             (ata_x,) = torch.autograd.grad(y, x, grad_outputs=y)
         return ata_x.reshape(-1)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from maths.choices import check_choice
+from maths.precision import autocast_off, promoted
 from transport.costs import pairwise_cost
 
 KernelName = Literal["imq", "rbf"]
@@ -67,9 +68,11 @@ def mmd_unbiased(
         raise ValueError(f"mmd_unbiased needs at least 2 samples on each side, got {n} and {m}.")
     if base_scale is None:
         base_scale = 2.0 * x.shape[1]
-    k_xx = kernel_matrix(x, x, kernel, scales, base_scale)  # (n, n)
-    k_yy = kernel_matrix(y, y, kernel, scales, base_scale)  # (m, m)
-    k_xy = kernel_matrix(x, y, kernel, scales, base_scale)  # (n, m)
+    x, y = promoted(x), promoted(y)
+    with autocast_off(x.device):  # the Gram matrices in float32 under mixed precision
+        k_xx = kernel_matrix(x, x, kernel, scales, base_scale)  # (n, n)
+        k_yy = kernel_matrix(y, y, kernel, scales, base_scale)  # (m, m)
+        k_xy = kernel_matrix(x, y, kernel, scales, base_scale)  # (n, m)
     off_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (n * (n - 1))
     off_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return off_xx + off_yy - 2.0 * k_xy.mean()

@@ -12,11 +12,18 @@ in `probes.py`).
   and PRIMAL_DUAL_TRACEBACK is unset (so that `main` prints one message).
 - `checkpoint_round_trip`: a model of the project trained for two batches of digits, saved and
   loaded back; the loaded generator must equal the trained one.
+
+PRIMAL_DUAL_CHECK_DEVICES=1 is set for the whole session (see `GenerativeModule.log`).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
+
+# Every test (and every process it starts) checks that values logged with sync_dist live on the
+# module's device (`GenerativeModule.log`); set before the project's modules are imported.
+os.environ["PRIMAL_DUAL_CHECK_DEVICES"] = "1"
 
 import lightning as L
 import pytest

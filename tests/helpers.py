@@ -10,7 +10,9 @@ helpers in probes.py):
 - `TrivialModule`: the least a LightningModule needs to be fitted (one linear layer trained on a
   constant), a base for the stand-in models that callbacks are tested on;
 - `ImageLogger`: a logger with a W&B-style `log_image`, recording what it gets;
-- `dual_value(critic, real, fake)`: a model's dual value, as evaluation computes it.
+- `dual_value(critic, real, fake)`: a model's dual value, as evaluation computes it;
+- `small_config(name, folder)`, `CONFIGS`, `SMALL`: a digits config of each model made small for
+  quick CLI runs (tests/test_devices.py, tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger
+import yaml
 from torch import nn
 
 from maths.layers import eval_mode
@@ -191,3 +194,27 @@ def dual_value(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> tor
     `lightning_modules.critic.Critic`) without gradients, in eval mode."""
     with torch.no_grad(), eval_mode(critic):
         return critic.objective(real, fake)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"wae": "wae_digits.yaml", "fgan": "fgan_digits.yaml", "primal_dual": "primal_dual_digits.yaml",
+           "sinkhorn": "sinkhorn_digits.yaml"}
+SMALL = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+         "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+
+
+def small_config(name: str, folder: Path, callbacks: list[dict] | None = None) -> str:
+    """configs/<name> with small networks, no callbacks but its checkpoint and what that monitors (and
+    `callbacks`), logs in `folder`."""
+    settings = yaml.safe_load((ROOT / "configs" / CONFIGS[name]).read_text())
+    trainer = settings["trainer"]
+    kept = ("ModelCheckpoint", "SinkhornBoundCallback") if name == "sinkhorn" else ("ModelCheckpoint",)  # what it monitors
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith(kept)] + (callbacks or [])
+    trainer["default_root_dir"] = trainer["logger"]["init_args"]["save_dir"] = str(folder)
+    for key in ("width", "critic_width", "latent_critic_width"):
+        if key in settings["model"]["init_args"]:
+            settings["model"]["init_args"][key] = 8
+    path = folder / CONFIGS[name]
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)

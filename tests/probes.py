@@ -62,11 +62,33 @@ class MetricsProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record.update(global_rank=trainer.global_rank, world_size=trainer.world_size, start_step=trainer.global_step)
+        self.record["optimizer_sizes"] = [sum(p.numel() for g in o.param_groups for p in g["params"]) for o in trainer.optimizers]
+        self.record["reducer_buckets"] = 0
+        ddp = trainer.strategy.model
+        if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):  # counts DDP's own bucket reductions
+            def count_buckets(state, bucket):  # no annotations: DDP checks them against the real classes
+                self.record["reducer_buckets"] += 1
+                return torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook(None, bucket)
+
+            ddp.register_comm_hook(None, count_buckets)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if "noise" not in self.record:  # what the module's next latent draws come from, without consuming it
             with torch.random.fork_rng():
                 self.record["noise"] = torch.randn(8).tolist()
+        if batch_idx == 1 and "all_reduce_sizes" not in self.record:  # the all-reduces of one training batch
+            sizes, real = [], torch.distributed.all_reduce
+            self.record["all_reduce_sizes"], self._real_all_reduce = sizes, real
+
+            def recording(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                sizes.append(tensor.numel())
+                return real(tensor, *args, **kwargs)
+
+            torch.distributed.all_reduce = recording
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_real_all_reduce", None) is not None:
+            torch.distributed.all_reduce, self._real_all_reduce = self._real_all_reduce, None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

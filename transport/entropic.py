@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from maths.choices import check_choice
+from maths.precision import autocast_off, promoted
 from transport.costs import check_cost_name
 
 EntropicCost = Literal["l2sq", "l2"]
@@ -56,7 +57,7 @@ def transport_loss(
 
     cost "l2sq" = |x - y|^2 (eps = 2 blur^2) or "l2" = |x - y| (eps = blur); `scaling` is geomloss's
     ratio between successive blur radii, in (0, 1). Differentiable in x and y; a scalar tensor in
-    the dtype of the inputs.
+    float32 for bfloat16 or float16 inputs (computed outside autocast).
     """
     from geomloss import SamplesLoss
 
@@ -70,14 +71,15 @@ def transport_loss(
             f"transport_loss needs two non-empty sample sets (n, ...) and (m, ...) with the same number of "
             f"features per sample, got shapes {tuple(x.shape)} and {tuple(y.shape)}."
         )
-    x2, y2 = x.flatten(start_dim=1), y.flatten(start_dim=1)  # (n, D), (m, D)
+    x2, y2 = promoted(x.flatten(start_dim=1)), promoted(y.flatten(start_dim=1))  # (n, D), (m, D)
     p = 2 if cost == "l2sq" else 1
     loss = SamplesLoss(
         "sinkhorn", p=p, blur=blur, debias=objective == "sinkhorn_divergence", scaling=scaling, backend="tensorized"
     )
     grad_mode = torch.is_grad_enabled()
     try:  # geomloss 0.3.1 ends with set_grad_enabled(True), also under torch.no_grad(): restore the mode
-        value = loss(x2.contiguous(), y2.contiguous())  # |x-y|^2 / 2 at eps = blur^2 (p=2), |x-y| at blur (p=1)
+        with autocast_off(x2.device):  # the cost matrix and the Sinkhorn iterations in float32
+            value = loss(x2.contiguous(), y2.contiguous())  # |x-y|^2 / 2 at eps = blur^2 (p=2), |x-y| at blur (p=1)
     finally:
         torch.set_grad_enabled(grad_mode)
     return 2.0 * value if cost == "l2sq" else value
