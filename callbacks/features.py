@@ -1,13 +1,17 @@
 """Domain feature extractor for FID on labelled datamodules (docs/theory.md 6).
 
-A small convnet classifier is trained once on the datamodule's training split and saved; its
-penultimate layer (64 ReLU features) is the feature map of the Frechet distance, logged under the
-datamodule's name (`val/fid_digits`), never as Inception FID. It works offline and in seconds on
-the digits. The file records `dims` and `num_classes`; a file that matches is loaded, not retrained.
+A small convnet classifier trained on the datamodule's training split; its penultimate layer (64
+ReLU features) is the feature map of the Frechet distance, logged under the datamodule's name
+(`val/fid_digits`), never as Inception FID. It works offline. For the digits (8x8) and MNIST (28x28)
+the networks ship with the package (`callbacks/weights/`, trained by `python -m callbacks.train_features
+digits|mnist`, their SHA-256 recorded), so FIDs compare across checkouts and machines; for other
+labelled data the network is trained once and cached. A file records `dims` and `num_classes`; a
+file that matches is loaded, not retrained.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from contextlib import contextmanager
@@ -176,3 +180,33 @@ def load_or_train_domain_features(
     if net is None:
         raise FileNotFoundError(f"the FID domain feature extractor {path} was not written (is the folder shared by all ranks?)")
     return net
+
+
+# ---- the feature networks shipped with the package ------------------------------------------------
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+SHIPPED_HASHES = os.path.join(SHIPPED, "SHA256SUMS")
+SHIPPED_TRAINING = {"digits": 2000, "mnist": 3000}  # Adam steps of the shipped networks (batch 100, seed 0)
+
+
+def shipped_features_path(name: str, dims: tuple[int, ...]) -> str:
+    """Where the package keeps the feature network of data set `name` with image `dims`."""
+    return os.path.join(SHIPPED, f"fid_{name}_{'x'.join(map(str, dims))}.pt")
+
+
+def load_shipped_features(name: str, dims: tuple[int, ...], num_classes: int) -> DomainFeatureNet | None:
+    """The shipped network for (name, dims), checked against its recorded SHA-256; None if the package
+    has none. The same weights in every checkout and on every machine: FIDs comparable across them."""
+    path = shipped_features_path(name, dims)
+    if not os.path.exists(path):
+        return None
+    with open(SHIPPED_HASHES) as handle:
+        recorded = dict(line.split()[::-1] for line in handle if line.strip())
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    if recorded.get(os.path.basename(path)) != digest:
+        raise ValueError(
+            f"The shipped FID feature network {path} does not match its SHA-256 in {SHIPPED_HASHES} "
+            f"({digest}): the file is damaged or was changed. Restore it (git checkout), or retrain it with "
+            f"python -m callbacks.train_features {name}."
+        )
+    return load_domain_features(path, dims, num_classes)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from callbacks.features import datamodule_feature_name, load_or_train_domain_features
+from callbacks.features import datamodule_feature_name, load_or_train_domain_features, load_shipped_features
 from callbacks.base import EvaluationCallback, check_positive
 
 
@@ -99,9 +99,9 @@ class FIDCallback(EvaluationCallback):
     """Log the Frechet distance between features of validation images and model samples (docs/theory.md 6).
 
     Args:
-        feature_extractor: "domain" (a small classifier trained once on the datamodule's labelled
-            training split and cached in `feature_path`; logged as `val/fid_<datamodule>`, e.g.
-            `val/fid_digits`), "inception" (InceptionV3 pool features, 2048-d, as torchmetrics and
+        feature_extractor: "domain" (a small classifier of the datamodule's labels: the network shipped
+            with the package for the digits and MNIST, else trained once on the labelled training split
+            and cached in `feature_path`; logged as `val/fid_<datamodule>`, e.g. `val/fid_digits`), "inception" (InceptionV3 pool features, 2048-d, as torchmetrics and
             torch-fidelity compute them; logged as `val/fid_inception`), or an `nn.Module` with an
             int `num_features` that maps a batch exactly as the data gives it to (B, num_features)
             features (logged as `val/fid_<its feature_name attribute, else "custom">`).
@@ -111,7 +111,8 @@ class FIDCallback(EvaluationCallback):
         batch_size: images per `pl_module.sample(n)` call and per feature pass.
         seed: generated images use seed + global_rank each time (the same codes every epoch, other
             codes on every rank), under `torch.random.fork_rng` so training randomness is untouched.
-        feature_path: the domain extractor's file; default `<data_dir or default_root_dir>/
+        feature_path: the domain extractor's file (given: used, or trained and saved there, instead of
+            the shipped network); default: the shipped network, else `<data_dir or default_root_dir>/
             fid_features_<datamodule>_<C>x<H>x<W>.pt`.
         inception_weights_path: a local InceptionV3 weights file (torchmetrics'
             `feature_extractor_weights_path`); default: the torch hub cache, downloaded at first use.
@@ -168,8 +169,12 @@ class FIDCallback(EvaluationCallback):
                 f"`num_classes` (got {type(dm).__name__ if dm is not None else 'no datamodule'}). Pass "
                 'feature_extractor="inception" or an nn.Module with `num_features` instead.'
             )
+        name = datamodule_feature_name(dm)
+        shipped = None if self.feature_path else load_shipped_features(name, tuple(dm.dims), int(dm.num_classes))
+        if shipped is not None:  # digits and MNIST: the package's network, the same everywhere
+            return shipped, name
         path = self.feature_path or self._default_feature_path(trainer, dm)
-        return load_or_train_domain_features(dm, path, trainer), datamodule_feature_name(dm)
+        return load_or_train_domain_features(dm, path, trainer), name
 
     @staticmethod
     def _default_feature_path(trainer: L.Trainer, dm: L.LightningDataModule) -> str:

@@ -66,6 +66,20 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         )
 
 
+def check_checkpoint_class(path: str | os.PathLike, class_path: str) -> None:
+    """Raise a clear error when the checkpoint holds another model class than the config builds
+    (Lightning would otherwise build the checkpoint's class and fail later, naming neither)."""
+    hyperparameters = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    saved = hyperparameters.get("_class_path")
+    if saved and saved.rsplit(".", 1)[-1] != class_path.rsplit(".", 1)[-1]:
+        raise ValueError(
+            f"--ckpt_path {path} holds a {saved.rsplit('.', 1)[-1]} ({saved}), but the config builds a "
+            f"{class_path.rsplit('.', 1)[-1]} ({class_path}). Pass the config the checkpoint was trained with "
+            f"(--model {saved.rsplit('.', 1)[-1]} or its configs/*.yaml), or a checkpoint of a "
+            f"{class_path.rsplit('.', 1)[-1]}."
+        )
+
+
 def newest_last_checkpoint(log_root: Path) -> tuple[Path, int] | None:
     """The most recently written last*.ckpt under `log_root`/version_N/checkpoints, with its N."""
     found = []
@@ -81,7 +95,7 @@ def newest_last_checkpoint(log_root: Path) -> tuple[Path, int] | None:
     return ckpt, version
 
 
-LOGGERS_WITH_VERSIONS = ("TensorBoardLogger", "CSVLogger")  # log dirs <save_dir>/<name>/version_N
+LOGGERS_WITH_VERSIONS = ("TensorBoardLogger", "CSVLogger", "RunLogger")  # log dirs <save_dir>/<name>/version_N
 
 
 def resolve_last(subcommand: str, config: Any) -> None:

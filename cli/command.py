@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
@@ -34,14 +35,16 @@ from lightning.pytorch.utilities import rank_zero_info
 import callbacks  # noqa: F401  (registers the callbacks for short names in configs)
 import datamodules  # noqa: F401  (registers the datamodules for --data NAME)
 import lightning_modules  # noqa: F401  (registers the models for --model NAME)
-from cli.checkpoints import AtomicCheckpointIO, check_checkpoint_file, resolve_last
+from cli.checkpoints import AtomicCheckpointIO, check_checkpoint_class, check_checkpoint_file, resolve_last
+from datamodules.images import UnreadableImageError
 from lightning_modules.base import GenerativeModule
 from lightning_modules.reliability import NonFiniteError
 
 TRACEBACK_VARIABLE = "PRIMAL_DUAL_TRACEBACK"
 # What `main` reports as one message (exit status 2) instead of a traceback: the errors the
 # project raises for bad input, each with a message that names the problem and the fix.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError, NonFiniteError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError, NonFiniteError,
+               UnreadableImageError)
 NAMED_CKPT_PATHS = ("last", "best", "hpc")  # resolved by Lightning (and "last" by the CLI first)
 
 
@@ -55,9 +58,24 @@ class PrimalDualCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        self._fill_log_dirs()
         # Before Lightning reads the checkpoint's hyperparameters (which would fail with torch's
         # unpickling traceback on a bad file) and before anything is built.
         self._resolve_ckpt_path()
+
+    def _fill_log_dirs(self) -> None:
+        """A logger without a save_dir writes under --trainer.default_root_dir (the configs set none),
+        so that checkpoints, images and logs all go where the user chose."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
+        trainer = config.get("trainer") if config is not None else None
+        if trainer is None:
+            return
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            if init_args is not None and "save_dir" in init_args and init_args.get("save_dir") is None:
+                init_args["save_dir"] = trainer.get("default_root_dir") or "."
 
     def _resolve_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
@@ -69,6 +87,10 @@ class PrimalDualCLI(LightningCLI):
             resolve_last(subcommand, config)
         elif ckpt_path not in NAMED_CKPT_PATHS and "://" not in str(ckpt_path) and not str(ckpt_path).startswith("registry:"):
             check_checkpoint_file(ckpt_path)
+        resolved = config.get("ckpt_path")
+        model = config.get("model")
+        if resolved and Path(str(resolved)).is_file() and hasattr(model, "get") and model.get("class_path"):
+            check_checkpoint_class(resolved, str(model.get("class_path")))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)

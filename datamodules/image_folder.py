@@ -22,6 +22,7 @@ from datamodules.base import (
     image_transform,
     split_dataset,
 )
+from datamodules.images import keep_readable, read_image
 
 
 def has_class_folder_with_images(folder: Path) -> bool:
@@ -44,6 +45,8 @@ class ImageFolderDataModule(BaseDataModule):
         channels: 1 (grey) or 3 (RGB).
         batch_size, num_workers, val_fraction, seed: see ``BaseDataModule``.
         test_fraction: share of the images held out for testing, in [0, 1).
+        skip_bad_files: decode every image at setup and leave out the unreadable ones (counted and
+            named in a warning); False: a damaged file stops the run with an error naming it.
 
     ``num_classes`` is known once ``setup`` has read the folder (``None`` before). There is
     nothing to download: ``download`` is not an argument.
@@ -63,6 +66,7 @@ class ImageFolderDataModule(BaseDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
+        skip_bad_files: bool = False,
     ) -> None:
         super().__init__(data_dir, False, batch_size, num_workers, val_fraction, seed)
         self.save_hyperparameters()
@@ -73,6 +77,7 @@ class ImageFolderDataModule(BaseDataModule):
         self.image_size = image_size
         self.channels = channels
         self.test_fraction = test_fraction
+        self.skip_bad_files = skip_bad_files
         self.dims = (channels, image_size, image_size)
         self.num_classes = None
 
@@ -87,7 +92,11 @@ class ImageFolderDataModule(BaseDataModule):
         resize = [transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)]
         if self.channels == 1:
             resize.append(transforms.Grayscale(num_output_channels=1))  # the loader gives RGB
-        full = datasets.ImageFolder(str(self.root), transform=image_transform(self.channels, *resize))
+        full = datasets.ImageFolder(str(self.root), transform=image_transform(self.channels, *resize), loader=read_image)
+        if self.skip_bad_files:  # decoded once here, so that no batch meets a damaged file
+            keep = set(keep_readable([path for path, _ in full.samples], f"{type(self).__name__} ({self.root})"))
+            full.samples = full.imgs = [sample for sample in full.samples if sample[0] in keep]
+            full.targets = [target for _, target in full.samples]
         self.num_classes = len(full.classes)
         train, val, test = split_dataset(full, [self.val_fraction, self.test_fraction], self.seed)
         return train, val, test

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets import utils as tv_utils
 
 from datamodules.base import BaseDataModule, image_transform, split_dataset
+from datamodules.images import keep_readable, read_image
 
 
 class _MNISTLike(BaseDataModule):
@@ -143,8 +143,7 @@ class CelebAImages(Dataset):
         return len(self.filenames)
 
     def __getitem__(self, index: int):
-        with Image.open(self.folder / self.filenames[index]) as img:
-            return self.transform(img.convert("RGB")), 0  # x: (3, 64, 64)
+        return self.transform(read_image(self.folder / self.filenames[index])), 0  # x: (3, 64, 64)
 
 
 class CelebADataModule(BaseDataModule):
@@ -155,6 +154,8 @@ class CelebADataModule(BaseDataModule):
         download: try torchvision's Google Drive download in ``prepare_data`` (needs internet and
             the ``gdown`` package; often refused for quota, so placing the files is the sure way).
         batch_size, num_workers, seed: see ``BaseDataModule``.
+        skip_bad_files: decode every image at setup and leave out the unreadable ones (counted and
+            named in a warning); False: a damaged file stops the run with an error naming it.
 
     Batches are ``(x, y)`` with ``y = 0``: this datamodule reads no attributes or identities.
     """
@@ -182,9 +183,11 @@ class CelebADataModule(BaseDataModule):
         batch_size: int = 100,
         num_workers: int | None = None,
         seed: int = 0,
+        skip_bad_files: bool = False,
     ) -> None:
         super().__init__(data_dir, download, batch_size, num_workers, seed=seed)
         self.save_hyperparameters()
+        self.skip_bad_files = skip_bad_files
         self.dims = (3, CELEBA_SIZE, CELEBA_SIZE)
         self.num_classes = None
 
@@ -211,6 +214,9 @@ class CelebADataModule(BaseDataModule):
                 f"{len(absent)} images listed in {folder / self.partition_file} are missing from {image_dir} "
                 f"(first: {', '.join(absent[:3])}); fix: unzip the complete img_align_celeba.zip there."
             )
+        if self.skip_bad_files:  # decoded once here, so that no batch meets a damaged file
+            kept = set(keep_readable([image_dir / n for names in parts.values() for n in names], f"CelebA ({image_dir})"))
+            parts = {code: [n for n in names if image_dir / n in kept] for code, names in parts.items()}
         transform = image_transform(3, transforms.CenterCrop(CELEBA_CROP), transforms.Resize(CELEBA_SIZE))
         train, val, test = (CelebAImages(image_dir, parts[c], transform) for c in CELEBA_PARTITIONS.values())
         return train, val, test

@@ -352,3 +352,16 @@ def test_main_prints_a_nonfinite_loss_as_one_message(monkeypatch, capsys):
     monkeypatch.setattr(importlib.import_module("cli.command"), "cli_main", stopped)
     assert main([]) == 2
     assert_one_message(capsys, "NonFiniteError: step 1234: train/critic_loss is nan")
+
+
+def test_a_checkpoint_of_another_model_class_is_named(tmp_path, capsys, quiet_trainer):
+    """An FGAN checkpoint with the WAE config: the message names both classes (Lightning alone would
+    build the FGAN and fail in a callback that needs an encoder, naming neither)."""
+    model = FGAN(data_shape=(1, 8, 8), **TINY[FGAN])
+    model.hparams["_class_path"] = "lightning_modules.fgan.FGAN"  # what the CLI records
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(model, image_loader())
+    path = tmp_path / "fgan.ckpt"
+    trainer.save_checkpoint(path)
+    assert main(["fit", "--config", DIGITS, "--ckpt_path", str(path)]) == 2
+    assert_one_message(capsys, f"--ckpt_path {path} holds a FGAN", "but the config builds a WAE")

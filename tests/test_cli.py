@@ -154,3 +154,18 @@ def test_fgan_paper_configs_build_dcgan_networks(config, shape, generator_channe
     samples = model.sample(2)
     assert samples.shape == (2, *shape) and samples.abs().max() <= 1
     assert model.critic(samples).shape == (2,)
+
+
+def test_outputs_follow_the_default_root_dir_or_a_logger_save_dir(tmp_path, monkeypatch):
+    """The configs' logger has no save_dir of its own: logs, checkpoints and images go under
+    --trainer.default_root_dir, or under the logger's save_dir when one is given."""
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    quick = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.enable_progress_bar", "false", "--model.init_args.width", "8"]
+    config = str(ROOT / "configs" / "wae_digits.yaml")
+    chosen = cli_main(["fit", "--config", config, *quick, "--trainer.default_root_dir", str(tmp_path / "chosen")])
+    assert Path(chosen.trainer.log_dir) == tmp_path / "chosen" / "wae_digits" / "version_0"
+    assert Path(chosen.trainer.checkpoint_callback.last_model_path).is_relative_to(tmp_path / "chosen")
+    logger_dir = cli_main(["fit", "--config", config, *quick, "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert Path(logger_dir.trainer.log_dir) == tmp_path / "logs" / "wae_digits" / "version_0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen", "logs"]

@@ -27,6 +27,8 @@ from datamodules import (
     ImageFolderDataModule,
     MNISTDataModule,
 )
+from datamodules.images import UnreadableImageError
+from cli.command import main
 
 ALL_CLASSES = [CelebADataModule, CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule,
                GaussianMixtureDataModule, ImageFolderDataModule, MNISTDataModule]
@@ -316,6 +318,51 @@ def test_image_folder(channels, tmp_path):
         assert y == label and x.shape == (channels, 16, 16)
         torch.testing.assert_close(x, to_unit(level).expand(channels, 16, 16))
     check_batches(dm)
+
+
+# ---- damaged image files --------------------------------------------------------------------
+
+def truncate(path: Path) -> None:
+    """Cut a JPEG in half, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_jpeg_is_named_with_the_fix_or_skipped(tmp_path, capsys):
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for k in range(3):
+            Image.new("RGB", (40, 40), (50 * k, 80, 120)).save(tmp_path / cls / f"{k}.jpg", quality=95)
+    truncate(tmp_path / "dogs" / "1.jpg")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, val_fraction=0.0, test_fraction=0.0, batch_size=6)
+    dm.setup()
+    with pytest.raises(UnreadableImageError, match=r"dogs/1\.jpg.*--data\.init_args\.skip_bad_files true"):
+        stack(dm.train_dataloader())
+    args = ["fit", "--model", "WAE", "--model.width", "8", "--data", "ImageFolderDataModule", "--data.data_dir", str(tmp_path),
+            "--data.image_size", "16", "--data.val_fraction", "0", "--data.test_fraction", "0", "--trainer.max_epochs", "1",
+            "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 2  # through the CLI: one message, no traceback
+    err = capsys.readouterr().err
+    assert "UnreadableImageError" in err and "dogs/1.jpg" in err and "Traceback" not in err
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable image file\(s\) of 6 .*dogs/1\.jpg"):
+        skipping = ImageFolderDataModule(str(tmp_path), image_size=16, val_fraction=0.0, test_fraction=0.0,
+                                         batch_size=6, skip_bad_files=True)
+        skipping.setup()
+    assert stack(skipping.train_dataloader())[0].shape == (5, 3, 16, 16)
+
+
+def test_a_truncated_celeba_image_is_named_or_skipped(tmp_path):
+    write_celeba(tmp_path)
+    truncate(tmp_path / "celeba" / "img_align_celeba" / "000004.jpg")  # in the validation partition
+    dm = CelebADataModule(data_dir=str(tmp_path), batch_size=2)
+    dm.setup()
+    with pytest.raises(UnreadableImageError, match="000004.jpg"):
+        stack(dm.val_dataloader())
+    with pytest.warns(UserWarning, match=r"left out 1 unreadable image file\(s\) of 6"):
+        skipping = CelebADataModule(data_dir=str(tmp_path), batch_size=2, skip_bad_files=True)
+        skipping.setup()
+    assert [len(skipping.train_set), len(skipping.val_set), len(skipping.test_set)] == [3, 1, 1]
 
 
 # ---- offline behaviour --------------------------------------------------------------------

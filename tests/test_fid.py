@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,6 +255,34 @@ def test_domain_fid_ranks_image_quality_on_digits(digits, domain_path):
     assert 10 * held < blurred and 10 * held < uniform
 
 
+# ---- the feature networks shipped with the package -----------------------------------------
+
+def test_digits_and_mnist_use_the_shipped_networks(tmp_path, monkeypatch):
+    """No training and no cache file: the package's network, checked against its recorded SHA-256,
+    is a classifier of the digits (accuracy on the held-out digits well above chance)."""
+    import callbacks.features as features
+
+    digits = DigitsDataModule()
+    digits.setup("fit")
+    net = features.load_shipped_features("digits", (1, 8, 8), 10)
+    x, y = map(torch.cat, zip(*digits.val_dataloader()))
+    with torch.no_grad():
+        accuracy = (net.classify(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.9 and net.num_features == 64 and features.load_shipped_features("mnist", (1, 28, 28), 10) is not None
+    assert features.load_shipped_features("digits", (1, 16, 16), 10) is None  # other sizes train their own
+
+    damaged = tmp_path / "weights"
+    damaged.mkdir()
+    for name in ("fid_digits_1x8x8.pt", "SHA256SUMS"):
+        (damaged / name).write_bytes((Path(features.SHIPPED) / name).read_bytes())
+    with open(damaged / "fid_digits_1x8x8.pt", "ab") as handle:
+        handle.write(b"x")
+    monkeypatch.setattr(features, "SHIPPED", str(damaged))
+    monkeypatch.setattr(features, "SHIPPED_HASHES", str(damaged / "SHA256SUMS"))
+    with pytest.raises(ValueError, match="does not match its SHA-256.*python -m callbacks.train_features digits"):
+        features.load_shipped_features("digits", (1, 8, 8), 10)
+
+
 # ---- Inception: image adaptation and the offline error -----------------------------------
 
 def test_inception_features_adapt_grey_images_in_minus_one_one():
@@ -289,6 +318,26 @@ def test_inception_offline_error_names_the_file_and_both_remedies(monkeypatch, t
         FIDCallback(feature_extractor="inception", inception_weights_path=str(tmp_path / "nowhere.pth")).setup(
             quiet_trainer(), SampleOnly(), "fit"
         )
+
+
+def test_inception_reads_a_local_weights_file_offline(monkeypatch, tmp_path, quiet_trainer):
+    """FIDCallback(inception_weights_path=FILE) hands FILE to torch-fidelity's InceptionV3 and never
+    downloads: a tiny stand-in file (not the 90 MB network) is what its state dict is read from."""
+    pytest.importorskip("torch_fidelity")
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    stand_in = tmp_path / "inception-stand-in.pth"
+    torch.save({"stand_in": torch.tensor([42.0])}, stand_in)
+    loaded = []
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network (simulated)")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: loaded.append(state))
+    callback = FIDCallback(feature_extractor="inception", inception_weights_path=str(stand_in))
+    callback.setup(quiet_trainer(), SampleOnly(), "fit")
+    assert callback.key == "val/fid_inception" and len(loaded) == 1 and loaded[0]["stand_in"].item() == 42.0
 
 
 def test_inception_needs_torch_fidelity(monkeypatch):
