@@ -150,6 +150,11 @@ def linear_operator_norm(
 def _operator_norm(
     layer: nn.Module, input_shape: tuple[int, ...], tol: float, max_iter: int, generator: torch.Generator | None
 ) -> float:
+    with eval_mode(layer), torch.no_grad():
+        weight = getattr(layer, "weight", None)  # pooling layers have none
+        if weight is not None and not bool(torch.isfinite(weight.detach()).all()):  # eigh would fail obscurely
+            raise ValueError(f"{layer} has non-finite weights (NaN or inf): its operator norm, and any Lipschitz bound "
+                             "through it, is undefined. Was the network trained past a non-finite loss?")
     if isinstance(layer, nn.Linear):
         with eval_mode(layer), torch.no_grad():
             weight = layer.weight.detach()

@@ -194,6 +194,15 @@ def test_unsupported_modules_raise():
     assert lipschitz_upper_bound(dropout_net, (3,)) == pytest.approx(linear_operator_norm(dropout_net[0], (3,)))
 
 
+@pytest.mark.parametrize("layer, shape", [(nn.Linear(3, 4), (3,)), (nn.Conv2d(1, 2, 3, padding=1), (1, 5, 5))])
+def test_non_finite_weights_are_named(layer, shape):
+    """A layer with a NaN weight has no operator norm: a ValueError naming it, not eigh's or svd's failure."""
+    with torch.no_grad():
+        layer.weight[0].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite weights"):
+        lipschitz_upper_bound(nn.Sequential(layer, nn.ReLU()), shape)
+
+
 @pytest.mark.parametrize(
     "activation, constant",
     [

@@ -213,7 +213,9 @@ class _Problem:
             log_col = torch.logaddexp(log_col, _logsumexp_(buf, 0) + self.log_a)
         return u_new, log_col, err.item() / C.n
 
-    def certify(self, u: Tensor, h: Tensor, eps: float) -> tuple[float, float, float, float, float, tuple[Tensor, Tensor]]:
+    def certify(
+        self, u: Tensor, h: Tensor, eps: float
+    ) -> tuple[float, float, float, float, float, tuple[Tensor, Tensor]]:
         """(lower, upper, transport, penalty, off-support mass, (u, h) of the lower end) from the
         potentials: two passes over C."""
         C, inv, n, m = self.C, 1.0 / eps, self.C.n, self.C.m
@@ -249,7 +251,7 @@ class _Problem:
         """(max over c of D(u + c, h + c) = mean u + c - mean (lambda f)*(h + c), u + c <= lambda f'(inf);
         the maximising c)."""
         mean_u = u.mean().item()
-        if self.div.name == "kl":  # closed form: c = lambda (1 - log M), M = mean exp(h / lambda); D = mean u - lambda log M
+        if self.div.name == "kl":  # M = mean exp(h / lambda): c = lambda (1 - log M), D = mean u - lambda log M
             log_mean = torch.logsumexp(h / self.lam, 0).item() + self.log_b
             return mean_u - self.lam * log_mean, self.lam * (1.0 - log_mean)
 
@@ -358,10 +360,11 @@ def inf_convolution_potentials(
     """(u, h, bracket): the critic of the bracket's lower end on the samples, u (n,) its values on the x_i
     and h (m,) on the y_j (float64), with the `inf_convolution_bracket` it comes from (same arguments).
 
-    They are the values of one 1-Lipschitz function z -> max_i (u_i - c(x_i, z)) on x and on y (u is the
-    c-transform of h, itself the c-transform of the solver's potential), and
-    mean(u) - mean((lambda f)*(h)) = bracket.lower <= V: the optimal critic up to the bracket's width, for
-    instance as a regression target for a network critic h (docs/theory.md 7).
+    They are the values of one 1-Lipschitz function z -> max_i (u_i - c(x_i, z)) on x and on y (h is the
+    c-transform of the solver's clipped potential, u that of h clipped at lambda f'(inf), both shifted by
+    the best constant), and mean(u) - mean((lambda f)*(h)) = bracket.lower <= V, with the conjugate over
+    u >= 0: the optimal critic up to the bracket's width, for instance as a regression target for a
+    network critic (docs/theory.md 7).
     """
     bracket, potentials = _bracket_and_potentials(x, y, divergence, lambda_, cost, tol, max_seconds, max_iter,
                                                   backend, chunk_size)
@@ -388,7 +391,8 @@ def _bracket_and_potentials(
     deadline = start + max_seconds if max_seconds is not None else math.inf
     with torch.no_grad(), torch.autocast(x2.device.type, enabled=False):
         problem = _Problem(CostMatrix(x2, y2, cost, backend, chunk_size), get_divergence(divergence, lambda_))
-        (lower, upper, transport, penalty, off), eps, it, converged, potentials = _solve(problem, tol, max_iter, deadline)
+        certificate, eps, it, converged, potentials = _solve(problem, tol, max_iter, deadline)
+        lower, upper, transport, penalty, off = certificate
     return InfConvolutionBracket(
         lower, upper, transport, penalty, off, eps, it, x2.shape[0], y2.shape[0], cost, divergence, float(lambda_),
         converged, time.perf_counter() - start,
