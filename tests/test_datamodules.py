@@ -329,8 +329,9 @@ def truncate(path: Path) -> None:
 
 
 def test_a_truncated_jpeg_is_named_with_the_fix_or_skipped(tmp_path, capsys):
+    root, tmp_path = tmp_path, tmp_path / "images"  # the run directory must not become a class folder
     for cls in ("cats", "dogs"):
-        (tmp_path / cls).mkdir()
+        (tmp_path / cls).mkdir(parents=True)
         for k in range(3):
             Image.new("RGB", (40, 40), (50 * k, 80, 120)).save(tmp_path / cls / f"{k}.jpg", quality=95)
     truncate(tmp_path / "dogs" / "1.jpg")
@@ -340,7 +341,7 @@ def test_a_truncated_jpeg_is_named_with_the_fix_or_skipped(tmp_path, capsys):
         stack(dm.train_dataloader())
     args = ["fit", "--model", "WAE", "--model.width", "8", "--data", "ImageFolderDataModule", "--data.data_dir", str(tmp_path),
             "--data.image_size", "16", "--data.val_fraction", "0", "--data.test_fraction", "0", "--trainer.max_epochs", "1",
-            "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", str(root / "run"),
             "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
     assert main(args) == 2  # through the CLI: one message, no traceback
     err = capsys.readouterr().err
