@@ -5,10 +5,15 @@ points each, uniform weights, squared Euclidean cost C_ij = |x_i - y_j|^2, every
 n in {256, 1024, 4096, 16384} x d in {2, 64, 784} runs these solvers, each in a fresh process
 (spawned) so that its peak resident memory is its own:
 
-- `bracket`: `transport.wasserstein_bracket(x, y, tol=0.01)` (defaults otherwise:
-  adaptive eps, backend "auto" = tensorized up to 2^25 entries, chunked above), then
+- `bracket`: `transport.wasserstein_bracket(x, y, tol=0.01)` (defaults otherwise: the certified
+  Sinkhorn bracket with `exact=False`, adaptive eps, float32 iterations and float64
+  certificates, backend "auto" = the float64 cost matrix and the float32 kernel held while they
+  fit in half the available memory, the multiscale start at d = 2), then
   `sinkhorn_upper_bound(x, y)` (its defaults, the same time budget) in the same process, its
   time reported apart;
+- `auto`: `wasserstein_bracket(x, y, tol=0.01, exact="auto")`, which answers with POT's exact
+  value where its cost model (`transport.exact`) predicts POT to be faster, and with the bracket
+  otherwise (then not run again: the bracket's time is reported);
 - `emd2`: POT's exact network simplex `ot.emd2` on `ot.dist(x, y)` (float64 numpy; the time
   includes building the cost matrix), the reference value W;
 - `pot_sinkhorn`: POT's `ot.sinkhorn2(method="sinkhorn_log")` at the eps the bracket ended at
@@ -26,11 +31,14 @@ Configurations whose exact solve would exceed `--max-exact-n` (or the machine's 
 `sinkhorn_upper_bound` runs the same solver as the bracket (its value is the bracket's upper end),
 so above `--upper-max-n` it is not run again.
 
-Scale-up: the bracket alone on the chunked backend (memory O(n d), C recomputed per pass), d =
-`--scale-dim`, n doubling from `--scale-min-n` (16384) up to `--scale-max-n` (32768) while its
-peak stays under 4 GiB (the tensorized backend would need 16 n^2 bytes: 4 GiB at n = 16384), each
-n with the time budget `--scale-seconds`: the time when it converges within it, else the width
-it reached.
+Scale-up: the bracket alone on the chunked backend (memory O(n d): float32 log-domain passes over
+blocks of C recomputed each pass, float64 certificates on recomputed blocks), d = `--scale-dim`,
+n doubling from `--scale-min-n` (16384) up to `--scale-max-n` (32768) while its peak stays under
+4 GiB (holding the kernel and the float64 matrix would need 12 n^2 bytes: 3 GiB at n = 16384),
+each n with the time budget `--scale-seconds`: the time when it converges within it, else the
+width it reached. `--scale-device cuda` runs the scale-up on a GPU with backend "auto" (the
+kernel held when it fits in three quarters of the free GPU memory), e.g. n = 100000:
+`--sizes 256 --dims 2 --scale-device cuda --scale-min-n 100000 --scale-max-n 100000 --out DIR`.
 
 Process settings as in benchmarks/common.py (2 threads, glibc allocator settings re-exec).
 
@@ -79,6 +87,24 @@ def prepare_bracket(d: int) -> None:
     wasserstein_bracket(*gaussian_clouds(32, d, seed=1), cost=COST, tol=TOL, max_seconds=10.0, backend="tensorized")
 
 
+def prepare_auto(d: int) -> None:
+    """`prepare_bracket`, and POT's exact solve through `exact="auto"`."""
+    from transport import wasserstein_bracket
+
+    prepare_bracket(d)
+    wasserstein_bracket(*gaussian_clouds(32, d, seed=1), cost=COST, tol=TOL, exact=True)
+
+
+def auto_prefers_pot(n: int, d: int) -> bool:
+    """What `exact="auto"` will choose on this machine (its cost model and memory budget)."""
+    import torch
+
+    from transport.exact import prefer_exact
+    from transport.matrix import memory_budget
+
+    return prefer_exact(n, n, d, torch.device("cpu"), memory_budget(torch.device("cpu")))
+
+
 def prepare_pot(d: int) -> None:
     import numpy as np
     import ot
@@ -90,16 +116,24 @@ def prepare_pot(d: int) -> None:
     ot.sinkhorn2(torch.from_numpy(a), torch.from_numpy(a), ot.dist(x, y), 1.0, method="sinkhorn_log", numItermax=10)
 
 
-def child_bracket(n: int, d: int, backend: str, max_seconds: float | None, with_upper: bool) -> dict[str, Any]:
+def child_bracket(n: int, d: int, backend: str, max_seconds: float | None, with_upper: bool, exact: bool | str = False,
+                  device: str = "cpu") -> dict[str, Any]:
     """The bracket, then (with_upper) `sinkhorn_upper_bound` at its defaults on the same clouds."""
+    import torch
+
     from transport import sinkhorn_upper_bound, wasserstein_bracket
 
-    x, y = gaussian_clouds(n, d)
+    x, y = (t.to(device) for t in gaussian_clouds(n, d))
+    if device != "cpu":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    bracket = wasserstein_bracket(x, y, cost=COST, tol=TOL, max_seconds=max_seconds, backend=backend)
+    bracket = wasserstein_bracket(x, y, cost=COST, tol=TOL, max_seconds=max_seconds, backend=backend, exact=exact)
     seconds = time.perf_counter() - start
     out = {"lower": bracket.lower, "upper": bracket.upper, "eps": bracket.eps, "iterations": bracket.iterations,
-           "converged": bracket.converged, "relative_width": bracket.relative_width, "seconds": seconds}
+           "converged": bracket.converged, "relative_width": bracket.relative_width, "seconds": seconds,
+           "method": bracket.method}
+    if device != "cpu":
+        out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if with_upper:
         start = time.perf_counter()
         out["upper_bound"] = sinkhorn_upper_bound(x, y, cost=COST, max_seconds=max_seconds, backend=backend)
@@ -171,6 +205,17 @@ def run_grid(args: argparse.Namespace, machine: dict[str, Any]) -> list[dict[str
                 row["upper_bound"], row["upper_bound_seconds"] = out.get("upper_bound"), out.get("upper_bound_seconds")
             else:
                 row["bracket_note"] = status_text(status, out, 2 * args.bracket_seconds + 300)
+            if auto_prefers_pot(n, d):  # else exact="auto" runs the bracket just measured
+                status, out = run_in_child(child_bracket, (n, d, "auto", args.bracket_seconds, False, "auto"),
+                                           timeout=args.exact_timeout, prepare=prepare_auto, prepare_args=(d,))
+                if status == "ok":
+                    row.update({"auto_seconds": out["seconds"], "auto_method": out["method"],
+                                "auto_rss_peak_extra_mib": out["rss_peak_extra_mib"]})
+                else:
+                    row["auto_note"] = status_text(status, out, args.exact_timeout)
+            elif "bracket_seconds" in row:
+                row.update({"auto_seconds": row["bracket_seconds"], "auto_method": "sinkhorn",
+                            "auto_rss_peak_extra_mib": row["bracket_rss_peak_extra_mib"]})
             reason = exact_skip_reason(n, args, machine)
             if reason is None:
                 status, out = run_in_child(child_emd2, (n, d), timeout=args.exact_timeout,
@@ -203,6 +248,8 @@ def run_grid(args: argparse.Namespace, machine: dict[str, Any]) -> list[dict[str
                     row["pot_sinkhorn_over_exact_minus_1"] = row["pot_sinkhorn_value"] / exact - 1.0
                 if "bracket_seconds" in row:
                     row["emd2_over_bracket_seconds"] = row["emd2_seconds"] / row["bracket_seconds"]
+                if "auto_seconds" in row:
+                    row["emd2_over_auto_seconds"] = row["emd2_seconds"] / row["auto_seconds"]
             rows.append(row)
             print(grid_line(row), flush=True)
     return rows
@@ -228,9 +275,11 @@ def run_scale_up(args: argparse.Namespace) -> list[dict[str, Any]]:
     n = args.scale_min_n
     while n <= args.scale_max_n:  # every n gets the same time budget; a run cut by it reports its width
         timeout = args.scale_seconds + (120 if args.quick else 600)  # the solver checks its budget between passes
-        status, out = run_in_child(child_bracket, (n, args.scale_dim, "chunked", args.scale_seconds, False),
-                                          timeout=timeout, prepare=prepare_bracket, prepare_args=(args.scale_dim,))
-        row: dict[str, Any] = {"n": n, "d": args.scale_dim, "tensorized_would_need_gib": 16 * n * n / 2**30}
+        backend = "chunked" if args.scale_device == "cpu" else "auto"
+        status, out = run_in_child(child_bracket, (n, args.scale_dim, backend, args.scale_seconds, False, False, args.scale_device),
+                                   timeout=timeout, prepare=prepare_bracket, prepare_args=(args.scale_dim,))
+        row: dict[str, Any] = {"n": n, "d": args.scale_dim, "device": args.scale_device, "backend": backend,
+                               "tensorized_would_need_gib": 12 * n * n / 2**30}
         if status == "ok":
             row.update(out)
             print(f"scale-up n={n:>7} d={args.scale_dim}: {out['seconds']:.3g} s, peak +{out['rss_peak_extra_mib']:.0f} MiB, "
@@ -253,7 +302,7 @@ def main() -> None:
     parser.add_argument("--max-exact-n", type=int, help="largest n for ot.emd2 (default 16384; quick 4096)")
     parser.add_argument("--exact-timeout", type=float, help="seconds per exact solve (default 900; quick 120)")
     parser.add_argument("--max-pot-sinkhorn-n", type=int, help="largest n for POT's sinkhorn (default 1024: above it, at the bracket's eps, it "
-                        "runs out of its 1000 iterations after minutes; docs/BENCHMARKS.md section 5)")
+                        "runs out of its 1000 iterations after minutes; docs/BENCHMARKS.md section 8)")
     parser.add_argument("--pot-max-iter", type=int, default=1000, help="POT sinkhorn numItermax (default 1000, POT's)")
     parser.add_argument("--pot-timeout", type=float, help="seconds per POT sinkhorn run (default 600; quick 120)")
     parser.add_argument("--upper-max-n", type=int, help="largest n of the separate sinkhorn_upper_bound run (default 4096; quick 1024)")
@@ -262,6 +311,7 @@ def main() -> None:
     parser.add_argument("--scale-min-n", type=int, help="first n of the scale-up (default 16384; quick 8192)")
     parser.add_argument("--scale-max-n", type=int, help="largest n of the scale-up (default 32768; quick 8192)")
     parser.add_argument("--scale-seconds", type=float, help="time budget per scale-up n (default 300; quick 45)")
+    parser.add_argument("--scale-device", default="cpu", help="device of the scale-up: cpu (chunked backend) or cuda (auto)")
     parser.add_argument("--no-scale-up", action="store_true")
     args = common.parse_benchmark_arguments(parser)
     q = args.quick

@@ -1,6 +1,8 @@
 """Certified Wasserstein bounds (SPEC 5) against POT's exact `ot.emd2` and entropic `ot.solve`,
-a brute force over permutations, the chunked backend against the tensorized one, the Metric
-against the function, and the callback in a real `Trainer.fit` on a module with only `sample`."""
+a brute force over permutations, every memory layout against the exact value, the Metric against
+the function, and the callback in a real `Trainer.fit` on a module with only `sample`. The speed
+machinery (float32 iterations, multiscale start, memory budget, POT-or-Sinkhorn) is tested in
+tests/test_transport_speed.py."""
 
 from __future__ import annotations
 
@@ -130,15 +132,30 @@ def test_entropic_value_matches_pot_with_eps_from_blur(cost, blur):
 
 
 @pytest.mark.parametrize("cost", ["l2sq", "l2"])
-def test_chunked_backend_matches_tensorized(cost):
+def test_every_layout_certifies_the_exact_value(cost):
+    """Kernel and float64 matrix held, the kernel alone (C recomputed), or neither (log-domain float32
+    passes over recomputed blocks): all certified, all within tol, and at a fixed blur all reach the
+    same entropic value."""
     x, y = clouds(150, 130, 8, seed=6)
-    common = dict(cost=cost, warm_start="torch", max_seconds=None)
-    for options in [dict(blur=0.3), dict()]:
-        tensorized = wasserstein_bracket(x, y, backend="tensorized", **common, **options)
-        chunked = wasserstein_bracket(x, y, backend="chunked", chunk_size=17, **common, **options)
-        assert chunked.lower == pytest.approx(tensorized.lower, rel=1e-9)
-        assert chunked.upper == pytest.approx(tensorized.upper, rel=1e-9)
-        assert chunked.iterations == tensorized.iterations and chunked.eps == pytest.approx(tensorized.eps)
+    exact = pot_exact(x, y, cost)
+    entries = 150 * 130
+    layouts = [dict(backend="tensorized"), dict(backend="chunked", chunk_size=17),
+               dict(memory_budget=4 * entries), dict(memory_budget=0)]
+    values = []
+    for layout in layouts:
+        bracket = wasserstein_bracket(x, y, cost, max_seconds=None, **layout)
+        assert bracket.lower <= exact * (1 + 1e-9) and exact <= bracket.upper * (1 + 1e-9)
+        assert bracket.converged and bracket.relative_width <= 0.01
+        values.append(sinkhorn_upper_bound(x, y, cost, blur=0.3, certified=False, marg_tol=1e-9, max_seconds=None, **layout))
+    assert values == pytest.approx([values[0]] * len(values), rel=1e-7)
+    assert min(values) >= exact
+
+
+def test_chunked_cost_blocks_match_the_matrix():
+    x2, y2 = flatten_samples(*clouds(150, 130, 8, seed=6))
+    full = CostMatrix(x2, y2, "l2sq", "tensorized").full
+    chunked = CostMatrix(x2, y2, "l2sq", "chunked", chunk_size=17)
+    assert torch.cat([c.clone() for _, c in chunked.blocks()]) == pytest.approx(full, rel=1e-12, abs=1e-12)
 
 
 def test_bracket_dataclass_unpacks_and_is_frozen():
@@ -213,13 +230,13 @@ def test_metric_matches_function_over_several_updates():
         metric.compute()
 
 
-def test_exact_auto_uses_pot_for_small_sets_and_sinkhorn_for_large_ones(monkeypatch):
+def test_exact_auto_uses_pot_where_the_cost_model_prefers_it(monkeypatch):
     x, y = clouds(60, 50, 3, seed=2)
     auto = wasserstein_bracket(x, y, "l2", exact="auto")
-    assert auto.lower == auto.upper == pytest.approx(exact_wasserstein(x, y, "l2"), rel=1e-12)
-    monkeypatch.setattr("transport.bracket.EXACT_AUTO_ENTRIES", 60 * 50 - 1)
+    assert auto.method == "exact" and auto.lower == auto.upper == pytest.approx(exact_wasserstein(x, y, "l2"), rel=1e-12)
+    monkeypatch.setattr("transport.bracket.prefer_exact", lambda *args: False)
     bracket = wasserstein_bracket(x, y, "l2", exact="auto", max_seconds=None)
-    assert bracket.eps > 0 and bracket.lower <= auto.lower <= bracket.upper
+    assert bracket.method == "sinkhorn" and bracket.eps > 0 and bracket.lower <= auto.lower <= bracket.upper
     with pytest.raises(ValueError, match="auto"):
         wasserstein_bracket(x, y, exact="yes")
 

@@ -1,9 +1,14 @@
 """Optimal transport between sample sets: pure torch maths, no Lightning (docs/theory.md section 5).
 
 - `costs`: the cost registry (l2, l2sq, l1), per-sample and pairwise costs;
-- `matrix`: cost matrices held in memory or recomputed in blocks;
-- `sinkhorn`: log-domain Sinkhorn, rounding onto the marginals, c-transforms;
-- `bracket`: the certified bracket lower <= W_c <= upper, and exact OT through POT;
+- `matrix`: cost matrices held in memory or recomputed in blocks, the memory budget and layout;
+- `sinkhorn`: log-domain Sinkhorn and its over-relaxation;
+- `certificate`: rounding onto the marginals and c-transforms, in float64, for any plan;
+- `kernel`: float32 Sinkhorn on a held kernel (scaling form) or on recomputed blocks;
+- `multiscale`: the coarse-to-fine start in low dimension;
+- `solver`: the eps schedule and the certificates of the bracket;
+- `exact`: exact OT through POT, and the cost model that prefers it for small problems;
+- `bracket`: the certified bracket lower <= W_c <= upper (the public functions);
 - `entropic`: the entropic OT loss a generator trains on (geomloss), and blur-to-eps;
 - `inf_convolution`: the certified bracket on min_P' W_c(P^, P') + lambda D_f(P' || Q^), the exact
   dual side of the primal-dual link on samples.

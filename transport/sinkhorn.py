@@ -1,8 +1,8 @@
-"""Log-domain Sinkhorn, rounding onto the marginals and c-transforms (docs/theory.md 5.3-5.5).
+"""Log-domain Sinkhorn, its over-relaxation, and the certificate of potentials (docs/theory.md 5.3-5.5).
 
-Notation: x (n, D) and y (m, D) flattened samples with uniform weights a_i = 1/n, b_j = 1/m;
-C_ij = c(x_i, y_j) in float64 (`transport.matrix.CostMatrix`); eps > 0. Dual potentials f (n,),
-g (m,) define the plan
+Notation: x (n, D) and y (m, D) flattened samples with weights a (n,), b (m,) (uniform a_i = 1/n,
+b_j = 1/m unless given), C_ij = c(x_i, y_j) (`transport.matrix.CostMatrix`, float64, or float32
+for iterations); eps > 0. Dual potentials f (n,), g (m,) (float64) define the plan
 
     P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps).
 
@@ -11,69 +11,70 @@ g (m,) define the plan
   are a_i exp((f_i - f_i^next) / eps), which gives the L1 marginal error for free. Optional
   over-relaxation f <- f + omega (f^next - f) (Thibault et al. 2017; Lehmann et al. 2021) with
   omega = 2 / (1 + sqrt(1 - rho)) from the measured contraction rate rho of plain iterations.
-- Rounding (Altschuler, Weed, Rigollet 2017, Algorithm 2): X = diag(min(a / r(P), 1)) P,
-  Y = X diag(min(b / c(X), 1)), err_r = a - r(Y), err_c = b - c(Y) (both >= 0, equal L1 norm),
-  pi = Y + err_r err_c^T / ||err_r||_1 has marginals exactly (a, b), so
-  upper = <Y, C> + err_r^T C err_c / ||err_r||_1 >= W_c(a, b) whatever the iterations (up to
-  float64 rounding). Both scalings are potential shifts (f_i += eps min(0, log a_i - log r_i), ...).
-- Entropic value: <pi, C> + eps KL(pi || a x b) on the same rounded coupling, which is
-  >= OT_eps(a, b) >= W_c(a, b), and equals OT_eps (debias off) at convergence.
-- Lower bound (c-transform): for any g, f_i = min_j (C_ij - g_j) makes (f, g) dual-feasible, so
-  sum_i a_i f_i + sum_j b_j g_j <= W_c(a, b); g'_j = min_i (C_ij - f_i) improves it. Both
-  directions (from g and from f) are computed and the larger kept.
+  On a float32 C the sums run in float32 and the potentials stay float64.
+- `certify`: the certified upper bound (rounding onto the marginals) and lower bound
+  (c-transforms) of `transport.certificate`, on the plan of (f, g) with uniform weights.
 
-Exponentials are taken of arguments clamped at -700 (exp(-700) ~ 1e-304): below about -708 the
-result is subnormal and torch's vectorised exp falls back to a much slower path, while the
-clamped terms change sums by under 1e-300 relative.
+Exponentials are taken of arguments clamped at -700 in float64 (exp(-700) ~ 1e-304) and at -80
+in float32: below about -708 (float64) or -87 (float32) the result is subnormal and torch's
+vectorised exp falls back to a much slower path, while the clamped terms change sums by under
+1e-300 (float64) or 1e-34 (float32) relative to the largest.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from transport.certificate import EXP_FLOOR, Certificate, certify_plan, potential_plan
 from transport.costs import pairwise_cost
 from transport.matrix import CostMatrix
 
-EXP_FLOOR = -700.0  # exp arguments are clamped here (see the module docstring)
+FLOAT32_EXP_FLOOR = -80.0  # the clamp of float32 exp arguments (see the module docstring)
+
+__all__ = ["EXP_FLOOR", "Certificate", "OverRelaxation", "certify", "sinkhorn", "sinkhorn_pass"]
 
 
 def _logsumexp_(buf: Tensor, dim: int) -> Tensor:
     """log sum exp of `buf` along `dim`, using `buf` as workspace (its content is destroyed)."""
     peak = buf.amax(dim, keepdim=True)
-    buf.sub_(peak).clamp_min_(EXP_FLOOR).exp_()
+    buf.sub_(peak).clamp_min_(EXP_FLOOR if buf.dtype == torch.float64 else FLOAT32_EXP_FLOOR).exp_()
     return buf.sum(dim).log_().add_(peak.squeeze(dim))
 
 
-def sinkhorn_pass(C: CostMatrix, f: Tensor, g: Tensor, eps: float, omega: float = 1.0) -> tuple[Tensor, Tensor, float]:
+def sinkhorn_pass(
+    C: CostMatrix, f: Tensor, g: Tensor, eps: float, omega: float = 1.0, a: Tensor | None = None, b: Tensor | None = None
+) -> tuple[Tensor, Tensor, float]:
     """One alternating log-domain Sinkhorn iteration (f then g) in a single pass over C, with
-    over-relaxation `omega` (1 = plain Sinkhorn).
+    over-relaxation `omega` (1 = plain Sinkhorn), weights a, b (default uniform).
 
     Returns the new (f, g) and the L1 row-marginal error of the plan of the input (f, g).
     """
-    log_a, log_b, inv = -math.log(C.n), -math.log(C.m), 1.0 / eps
+    inv = 1.0 / eps
+    log_a = a.log() if a is not None else torch.full_like(f, -math.log(C.n))
+    log_b = b.log() if b is not None else torch.full_like(g, -math.log(C.m))
+    weight_a = a if a is not None else torch.full_like(f, 1.0 / C.n)
     f_new = torch.empty_like(f)
     err = torch.zeros((), dtype=f.dtype, device=f.device)
-    g_scaled = g * inv
+    g_scaled = (g * inv + log_b).to(C.x.dtype)
     acc = torch.full_like(g, -math.inf)  # log sum_i a_i exp((f_i - C_ij) / eps), accumulated over blocks
     for rows, c in C.blocks():
         buf = C.scratch(rows)
-        torch.sub(g_scaled[None, :], c, alpha=inv, out=buf)  # (g_j - C_ij) / eps, (b, m)
-        fi = -eps * (_logsumexp_(buf, 1) + log_b)  # (b,)
-        err += torch.expm1((f[rows] - fi) * inv).abs().sum()
+        torch.sub(g_scaled[None, :], c, alpha=inv, out=buf)  # (g_j - C_ij) / eps + log b_j, (b, m)
+        fi = -eps * _logsumexp_(buf, 1).to(f.dtype)  # (b,)
+        err += torch.dot(weight_a[rows], torch.expm1((f[rows] - fi) * inv).abs_())
         if omega != 1.0:
             fi = f[rows] + omega * (fi - f[rows])
         f_new[rows] = fi
-        torch.sub((fi * inv)[:, None], c, alpha=inv, out=buf)  # (f_i - C_ij) / eps
-        acc = torch.logaddexp(acc, _logsumexp_(buf, 0) + log_a)
+        torch.sub((fi * inv + log_a[rows]).to(c.dtype)[:, None], c, alpha=inv, out=buf)  # (f_i - C_ij) / eps + log a_i
+        acc = torch.logaddexp(acc, _logsumexp_(buf, 0).to(g.dtype))
     g_new = -eps * acc
     if omega != 1.0:
         g_new = g + omega * (g_new - g)
-    return f_new, g_new, err.item() / C.n
+    return f_new, g_new, err.item()
 
 
 def sinkhorn(
@@ -152,80 +153,12 @@ class OverRelaxation:
         return next_state, False
 
 
-@dataclass
-class Certificate:
-    """Certified bounds from one pair of potentials (see the module docstring)."""
-
-    lower: float  # c-transform bound, <= W_c
-    upper: float  # cost of the rounded coupling, >= W_c
-    entropic: float  # <pi, C> + eps KL(pi || a x b) of the rounded coupling, >= OT_eps >= W_c
-    marginal_error: float  # L1 distance of the unrounded plan's marginals to (a, b)
-
-
 def certify(C: CostMatrix, f: Tensor, g: Tensor, eps: float) -> Certificate:
-    """Round the plan of (f, g) onto the marginals and compute both bounds: two passes over C."""
-    n, m, inv = C.n, C.m, 1.0 / eps
-    log_a, log_b = -math.log(n), -math.log(m)
-    # Pass 1: row sums of P -> row scaling (f1); column sums of X; c-transforms g -> f^c and f -> g^c.
-    f1, f_ct = torch.empty_like(f), torch.empty_like(f)
-    col_x = torch.zeros_like(g)  # c(X), (m,)
-    g_ct = torch.full_like(g, math.inf)
-    g_ct_of_f = torch.full_like(g, math.inf)
-    row_err = torch.zeros((), dtype=f.dtype, device=f.device)
-    for rows, c in C.blocks():
-        buf = C.scratch(rows)
-        torch.sub(c, f[rows, None], out=buf)
-        g_ct_of_f = torch.minimum(g_ct_of_f, buf.amin(0))  # f^c
-        torch.sub(g[None, :], c, out=buf)  # g_j - C_ij
-        fc = buf.amax(1).neg_()  # (b,) f = g^c
-        f_ct[rows] = fc
-        buf.add_(f[rows, None]).mul_(inv).add_(log_a + log_b)  # log P[rows], (b, m)
-        peak = buf.amax(1, keepdim=True)  # (b, 1)
-        buf.sub_(peak).clamp_min_(EXP_FLOOR).exp_()  # P[rows] / exp(peak)
-        log_r = buf.sum(1).log_().add_(peak[:, 0])  # (b,)
-        row_err += (log_r.exp() - 1.0 / n).abs().sum()
-        shift = (log_a - log_r).clamp_max_(0.0)  # log min(a / r, 1)
-        f1[rows] = f[rows] + eps * shift
-        col_x += buf.T @ (peak[:, 0] + shift).exp()  # column sums of X[rows]
-        torch.sub(c, fc[:, None], out=buf)
-        g_ct = torch.minimum(g_ct, buf.amin(0))  # g' = (g^c)^c
-    col_err = (col_x - 1.0 / m).abs().sum().item()  # (row scaling only lowers mass)
-    log_cx = col_x.log()
-    g1 = g + eps * (log_b - log_cx).clamp_max(0.0)
-    lower_g = f_ct.mean().item() + g_ct.mean().item()
-    # Pass 2: Y = rounded-down plan; its row sums, <Y, C>, err_r^T C (an m-vector); (f^c)^c.
-    err_c_pred = (1.0 / m - col_x.clamp_max(1.0 / m)).clamp_min(0.0)
-    s_pred = err_c_pred.sum()
-    cost_y = torch.zeros((), dtype=f.dtype, device=f.device)
-    entropy = torch.zeros((), dtype=f.dtype, device=f.device)
-    err_r = torch.empty_like(f)
-    col_y = torch.zeros_like(g)
-    err_r_c = torch.zeros_like(g)  # err_r^T C, (m,)
-    f_ct2 = torch.empty_like(f)
-    for rows, c in C.blocks():
-        buf = C.scratch(rows)
-        torch.sub(c, g_ct_of_f[None, :], out=buf)
-        f_ct2[rows] = buf.amin(1)
-        torch.sub(g1[None, :], c, out=buf)
-        y_blk = buf.add_(f1[rows, None]).mul_(inv).add_(log_a + log_b).clamp_min_(EXP_FLOOR).exp_()  # Y[rows], (b, m)
-        er = (1.0 / n - y_blk.sum(1)).clamp_min(0.0)
-        err_r[rows] = er
-        col_y += y_blk.sum(0)
-        cost_y += torch.dot(y_blk.reshape(-1), c.reshape(-1))
-        err_r_c += er @ c
-        if s_pred > 0:
-            y_blk.addr_(er, err_c_pred / s_pred)  # pi[rows] = Y + err_r err_c^T / ||err_c||_1
-        entropy += torch.xlogy(y_blk, y_blk).sum() - (log_a + log_b) * y_blk.sum()
-    lower_f = f_ct2.mean().item() + g_ct_of_f.mean().item()
-    err_c = (1.0 / m - col_y).clamp_min(0.0)
-    s = err_r.sum().item()
-    upper = cost_y.item() + ((err_r_c @ err_c).item() / s if s > 0 else 0.0)
-    return Certificate(
-        lower=max(lower_g, lower_f),
-        upper=upper,
-        entropic=upper + eps * max(entropy.item(), 0.0),
-        marginal_error=max(row_err.item(), col_err),
-    )
+    """Round the plan of (f, g) (uniform weights) onto the marginals and compute both bounds and the
+    entropic value (`transport.certificate.certify_plan`): two passes over C (float64)."""
+    a = torch.full((C.n,), 1.0 / C.n, dtype=f.dtype, device=f.device)
+    b = torch.full((C.m,), 1.0 / C.m, dtype=g.dtype, device=g.device)
+    return certify_plan(C, potential_plan(f, g, eps, a, b), a, b, f, g, eps, entropic=True)
 
 
 # ---- the eps-scaling warm start by geomloss ---------------------------------------------------
