@@ -23,8 +23,8 @@ class Autoencoder(GenerativeModule):
     """Base of the autoencoders: builds (or takes) the encoder and the decoder, and encodes.
 
     Args: as the subclasses' (data_shape, latent_dim, prior, cost, encoder_type, width,
-    encoder_channels, decoder_channels, output_activation), and `encoder` / `decoder` networks
-    that replace the builders' when given.
+    encoder_channels, decoder_channels, output_activation, upsample, init), and `encoder` / `decoder`
+    networks that replace the builders' when given.
     """
 
     def __init__(
@@ -40,6 +40,8 @@ class Autoencoder(GenerativeModule):
         output_activation: str,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
+        upsample: str = "transposed",
+        init: str = "default",
     ) -> None:
         super().__init__(data_shape, latent_dim, prior)
         check_cost_name(cost)
@@ -47,10 +49,11 @@ class Autoencoder(GenerativeModule):
         self.gaussian = encoder_type == "gaussian"
         code_size = latent_dim * (2 if self.gaussian else 1)
         if encoder is None:
-            encoder = build_encoder(self.data_shape, code_size, width, encoder_channels)
+            encoder = build_encoder(self.data_shape, code_size, width, encoder_channels, init=init)
         self.encoder = encoder
         self.decoder = decoder if decoder is not None else build_decoder(
-            self.data_shape, latent_dim, width, decoder_channels, self.resolve_output_activation(output_activation)
+            self.data_shape, latent_dim, width, decoder_channels, self.resolve_output_activation(output_activation),
+            upsample=upsample, init=init,
         )
         self._cost = cost
 

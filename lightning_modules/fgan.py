@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lightning_modules.base import GenerativeModule
 from lightning_modules.critic import Critic
-from lightning_modules.networks import CriticActivation, OutputActivation, build_critic, build_decoder
+from lightning_modules.networks import CriticActivation, Init, OutputActivation, Upsample, build_critic, build_decoder
 from maths.choices import check_choice
 from maths.divergences import get_divergence
 from maths.dual import GENERATOR_LOSSES, LIPSCHITZ_METHODS, GeneratorLoss, LipschitzMethod, is_dual_certified
@@ -50,6 +50,12 @@ class FGAN(GenerativeModule):
         lambda_scale: lambda of GAN_{lambda f}: h = lambda g_f(v / lambda), conjugate (lambda f)*.
         n_critic: critic steps per generator step (on the same real batch, fresh fakes).
         width, generator_channels: generator size (as the WAE decoder).
+        upsample: how the image generator doubles its grid: "transposed" (stride-2 transposed
+            convolutions, DCGAN's) or "resize" (nearest-neighbour doubling + 3x3 convolution, no
+            checkerboard pattern; `networks.ConvDecoder`). What each measured on the digits and
+            MNIST: docs/STUDIES.md section 10.
+        init: "default" (PyTorch's initialisation) or "dcgan" (weights N(0, 0.02), batch-norm scales
+            N(1, 0.02); `networks.init_weights`), for the generator and the critic.
         critic_width, critic_channels, critic_depth: critic size (MLP depth for vector data).
         critic_activation: "leaky_relu" (slope 0.2) or "maxmin" (GroupSort of pairs, gradient-norm
             preserving: with `spectral_norm` it gets much closer to the best 1-Lipschitz critic;
@@ -87,6 +93,8 @@ class FGAN(GenerativeModule):
         critic_lr: float = 2e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: OutputActivation = "auto",
+        upsample: Upsample = "transposed",
+        init: Init = "default",
         skip_nonfinite_critic_steps: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -101,11 +109,12 @@ class FGAN(GenerativeModule):
             raise ValueError(f"Need n_critic >= 1 and gp_weight >= 0, got {n_critic} and {gp_weight}.")
         self.divergence = get_divergence(divergence, lambda_scale)  # lambda f
         self.decoder = generator if generator is not None else build_decoder(
-            self.data_shape, latent_dim, width, generator_channels, self.resolve_output_activation(output_activation)
+            self.data_shape, latent_dim, width, generator_channels, self.resolve_output_activation(output_activation),
+            upsample=upsample, init=init,
         )
         critic = critic if critic is not None else build_critic(
             self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm",
-            activation=critic_activation,
+            activation=critic_activation, init=init,
         )
         self.critic = Critic(critic, self.divergence, self.data_shape, gp_weight if lipschitz == "gradient_penalty" else 0.0)
         self._epoch_bound: float | None = None

@@ -6,6 +6,16 @@ the image, batch norm and ReLU in the encoder and decoder, LeakyReLU and no batc
 critic (batch norm would make the critic's value on one image depend on the rest of the batch,
 and break its Lipschitz certificate). The number of halvings is read off the image size:
 8x8 -> 4x4 (1), 28x28 -> 7x7 (2), 32x32 -> 4x4 (3), 64x64 -> 4x4 (4).
+
+Two options of the builders change how the networks start and how the decoder doubles its grid:
+- `upsample`: "transposed" (stride-2 4x4 transposed convolutions, DCGAN's) or "resize" (nearest-
+  neighbour doubling followed by a 3x3 convolution, Odena, Dumoulin, Olah, "Deconvolution and
+  checkerboard artifacts", Distill 2016). A stride-2 transposed convolution gives the even and the
+  odd output pixels different kernel taps, so even a spatially constant input comes out as a
+  2-periodic pattern (a checkerboard) that training must undo; resize + convolution maps a constant
+  input to a constant output away from the border.
+- `init`: "default" (PyTorch's) or "dcgan" (Radford et al. 2016: convolution and linear weights
+  N(0, 0.02), batch-norm scales N(1, 0.02), biases 0), see `init_weights`.
 """
 
 from __future__ import annotations
@@ -21,6 +31,11 @@ from maths.layers import MaxMin, Squeeze, conv_operator_spectral_norm
 
 OutputActivation = Literal["auto", "tanh", "none"]  # "auto": tanh for images, none for vectors
 OUTPUT_ACTIVATIONS: tuple[str, ...] = get_args(OutputActivation)[1:]  # what a decoder is built with
+Upsample = Literal["transposed", "resize"]
+UPSAMPLES: tuple[str, ...] = get_args(Upsample)
+Init = Literal["default", "dcgan"]
+INITS: tuple[str, ...] = get_args(Init)
+DCGAN_STD = 0.02
 
 
 def check_data_shape(data_shape: Sequence[int]) -> tuple[int, ...]:
@@ -61,6 +76,29 @@ def build_activation(name: str) -> nn.Module:
     """"relu", "leaky_relu" (slope 0.2) or "maxmin" (`maths.layers.MaxMin`); all 1-Lipschitz."""
     check_choice("activation", name, ACTIVATIONS)
     return {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "maxmin": MaxMin}[name]()
+
+
+def init_weights(network: nn.Module, init: str = "default") -> nn.Module:
+    """Initialise `network` in place and return it. "default" leaves PyTorch's initialisation;
+    "dcgan" draws every convolution, transposed convolution and linear weight from N(0, 0.02) and
+    every batch-norm scale from N(1, 0.02), with zero biases (Radford et al. 2016, section 4). A
+    spectrally normalised layer gets the draw in its unnormalised weight (the parametrization's
+    `original`), which the normalisation then rescales."""
+    check_choice("init", init, INITS)
+    if init == "default":
+        return network
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                weights = getattr(module, "parametrizations", None)
+                weight = weights.weight.original if weights is not None and "weight" in weights else module.weight
+                weight.normal_(0.0, DCGAN_STD)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                module.weight.normal_(1.0, DCGAN_STD)
+                module.bias.zero_()
+    return network
 
 
 def build_mlp(
@@ -127,8 +165,10 @@ class ConvEncoder(nn.Module):
 
 class ConvDecoder(nn.Module):
     """(B, latent_dim) -> (B, C, H, W): a linear layer to channels[0] on a (H, W) / 2^k grid, one
-    stride-2 transposed convolution per further entry of `channels` (k of them), then a 3x3
-    convolution to C channels."""
+    doubling of the grid per further entry of `channels` (k of them), then a 3x3 convolution to C
+    channels. `upsample` "transposed": each doubling is a stride-2 4x4 transposed convolution;
+    "resize": a nearest-neighbour doubling followed by a 3x3 convolution (no checkerboard pattern,
+    see the module docstring). Batch norm and ReLU follow the projection and every doubling."""
 
     def __init__(
         self,
@@ -136,8 +176,11 @@ class ConvDecoder(nn.Module):
         latent_dim: int,
         channels: Sequence[int],
         output_activation: str = "tanh",
+        upsample: Upsample = "transposed",
     ) -> None:
         super().__init__()
+        check_choice("upsample", upsample, UPSAMPLES)
+        self.upsample_mode = upsample
         doublings = len(channels) - 1
         height, width = data_shape[1], data_shape[2]
         if len(channels) < 1 or height % 2**doublings or width % 2**doublings:
@@ -157,11 +200,11 @@ class ConvDecoder(nn.Module):
         )
         layers: list[nn.Module] = []
         for in_ch, out_ch in zip(channels[:-1], channels[1:]):
-            layers += [
-                nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1),
-                nn.BatchNorm2d(out_ch),
-                nn.ReLU(),
-            ]
+            if upsample == "transposed":
+                layers.append(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1))
+            else:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, padding=1)]
+            layers += [nn.BatchNorm2d(out_ch), nn.ReLU()]
         layers.append(nn.Conv2d(channels[-1], data_shape[0], 3, padding=1))
         if output_activation == "tanh":
             layers.append(nn.Tanh())
@@ -184,13 +227,15 @@ class MLPDecoder(nn.Module):
 
 
 def build_encoder(
-    data_shape: Sequence[int], out_features: int, width: int = 64, channels: Sequence[int] | None = None
+    data_shape: Sequence[int], out_features: int, width: int = 64, channels: Sequence[int] | None = None,
+    init: Init = "default",
 ) -> nn.Module:
-    """Encoder (B, *data_shape) -> (B, out_features). MLPs use three hidden layers of `width`."""
+    """Encoder (B, *data_shape) -> (B, out_features). MLPs use three hidden layers of `width`.
+    `init`: "default" or "dcgan" (`init_weights`)."""
     shape = check_data_shape(data_shape)
     if not is_image_shape(shape):
-        return build_mlp(shape[0], [width] * 3, out_features)
-    return ConvEncoder(shape, out_features, channels or default_channels(shape, width))
+        return init_weights(build_mlp(shape[0], [width] * 3, out_features), init)
+    return init_weights(ConvEncoder(shape, out_features, channels or default_channels(shape, width)), init)
 
 
 def build_decoder(
@@ -199,17 +244,22 @@ def build_decoder(
     width: int = 64,
     channels: Sequence[int] | None = None,
     output_activation: str = "tanh",
+    upsample: Upsample = "transposed",
+    init: Init = "default",
 ) -> nn.Module:
     """Decoder / generator (B, latent_dim) -> (B, *data_shape); `output_activation` "tanh" for
-    data in [-1, 1], "none" for unbounded data. Default channels mirror the encoder's."""
+    data in [-1, 1], "none" for unbounded data. Default channels mirror the encoder's. Images:
+    `upsample` "transposed" or "resize" (`ConvDecoder`; MLPs ignore it); `init` "default" or
+    "dcgan" (`init_weights`)."""
     shape = check_data_shape(data_shape)
     check_choice("output activation", output_activation, OUTPUT_ACTIVATIONS)
+    check_choice("upsample", upsample, UPSAMPLES)
     if not is_image_shape(shape):
-        return MLPDecoder(shape[0], latent_dim, [width] * 3, output_activation)
+        return init_weights(MLPDecoder(shape[0], latent_dim, [width] * 3, output_activation), init)
     if channels is None:
         halvings = conv_plan(shape[1], shape[2])[0]
         channels = [width * 2**i for i in reversed(range(halvings + 1))]
-    return ConvDecoder(shape, latent_dim, channels, output_activation)
+    return init_weights(ConvDecoder(shape, latent_dim, channels, output_activation, upsample), init)
 
 
 def build_critic(
@@ -219,9 +269,11 @@ def build_critic(
     depth: int = 3,
     spectral_norm: bool = False,
     activation: str = "leaky_relu",
+    init: Init = "default",
 ) -> nn.Module:
     """Critic (B, *data_shape) -> (B,) with a 1-Lipschitz `activation` ("leaky_relu", slope 0.2,
     or "maxmin", see `maths.layers.MaxMin`; widths and channels must then be even) and no batch norm.
+    `init`: "default" or "dcgan" (`init_weights`).
 
     Flat data get an MLP of `depth` hidden layers of `width`; images a convolutional critic.
     `spectral_norm` divides every layer by its operator norm: torch's spectral normalisation for
@@ -245,4 +297,4 @@ def build_critic(
             activation=activation,
             spectral_norm=spectral_norm,
         )
-    return nn.Sequential(body, Squeeze())
+    return init_weights(nn.Sequential(body, Squeeze()), init)

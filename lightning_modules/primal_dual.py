@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from lightning_modules.autoencoder import Autoencoder
 from lightning_modules.critic import Critic
 from lightning_modules.evaluation import PrimalDualEvaluation
-from lightning_modules.networks import CriticActivation, OutputActivation, build_critic
+from lightning_modules.networks import CriticActivation, Init, OutputActivation, Upsample, build_critic
 from maths.choices import check_choice
 from maths.divergences import get_divergence
 from maths.dual import (
@@ -91,6 +91,9 @@ class PrimalDual(Autoencoder):
         lr: Adam learning rate of the encoder and generator; critic_lr: data critic;
             latent_critic_lr: latent critic. betas: Adam betas of all three.
         output_activation: "auto" (tanh for images in [-1, 1], none for vectors), "tanh", "none".
+        upsample: how the image decoder doubles its grid, "transposed" or "resize"
+            (`networks.ConvDecoder`).
+        init: "default" (PyTorch's) or "dcgan" (`networks.init_weights`), for every network built here.
         skip_nonfinite_critic_steps: skip a critic step whose loss is NaN or infinite (counted in
             `train/skipped_critic_steps`) instead of stopping.
         channels_last, compile: speed options (`GenerativeModule.configure_model`): image networks in
@@ -132,6 +135,8 @@ class PrimalDual(Autoencoder):
         latent_critic_lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: OutputActivation = "auto",
+        upsample: Upsample = "transposed",
+        init: Init = "default",
         skip_nonfinite_critic_steps: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -141,7 +146,7 @@ class PrimalDual(Autoencoder):
         latent_critic: nn.Module | None = None,
     ) -> None:
         super().__init__(data_shape, latent_dim, prior, cost, encoder_type, width, encoder_channels, decoder_channels,
-                         output_activation, encoder, decoder)
+                         output_activation, encoder, decoder, upsample, init)
         self.save_hyperparameters(ignore=["encoder", "decoder", "critic", "latent_critic"])
         for kind, value, known in (
             ("primal_estimator", primal_estimator, ESTIMATORS),
@@ -177,11 +182,11 @@ class PrimalDual(Autoencoder):
         self.data_divergence = get_divergence(divergence, lambda_)  # lambda f: GAN_{lambda f} in the dual
         critic = critic if critic is not None else build_critic(
             self.data_shape, critic_width, critic_channels, critic_depth, spectral_norm=lipschitz == "spectral_norm",
-            activation=critic_activation,
+            activation=critic_activation, init=init,
         )
         self.critic = Critic(critic, self.data_divergence, self.data_shape, gp_weight if lipschitz == "gradient_penalty" else 0.0)
         if latent_critic is None:
-            latent_critic = build_critic((latent_dim,), latent_critic_width, depth=latent_critic_depth)
+            latent_critic = build_critic((latent_dim,), latent_critic_width, depth=latent_critic_depth, init=init)
         self.latent_critic = Critic(latent_critic, self.latent_divergence, (latent_dim,))
         self.evaluation = PrimalDualEvaluation()
         self._epoch_bound: float | None = None  # the data critic's certified bound, once per evaluation epoch

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_modules.base import GenerativeModule
-from lightning_modules.networks import OutputActivation, build_decoder
+from lightning_modules.networks import Init, OutputActivation, Upsample, build_decoder
 from maths.choices import check_choice
 from maths.priors import PriorName
 from transport.entropic import ENTROPIC_COSTS, OBJECTIVES, EntropicCost, Objective, blur_to_eps, transport_loss
@@ -65,6 +65,9 @@ class SinkhornGenerator(GenerativeModule):
             batch); N generated samples against the first N points of the loader batch.
         width, generator_channels, output_activation: the generator, as in the other models
             (`build_decoder`; "auto" = tanh for images, none for vectors).
+        upsample: how the image generator doubles its grid, "transposed" or "resize"
+            (`networks.ConvDecoder`).
+        init: "default" (PyTorch's) or "dcgan" (`networks.init_weights`).
         lr, betas: Adam settings of the generator.
         final_lr: None (constant lr) or the lr reached at the last step by an exponential decay
             from `lr` over the run (the minibatch matching is noisy: a decay averages it out).
@@ -91,6 +94,8 @@ class SinkhornGenerator(GenerativeModule):
         final_lr: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         output_activation: OutputActivation = "auto",
+        upsample: Upsample = "transposed",
+        init: Init = "default",
         val_seed: int = 0,
         channels_last: bool = False,
         compile: bool = False,
@@ -109,7 +114,8 @@ class SinkhornGenerator(GenerativeModule):
         if not lr > 0 or (final_lr is not None and not final_lr > 0):
             raise ValueError(f"lr and final_lr must be positive (final_lr None: constant lr), got {lr} and {final_lr}.")
         self.decoder = generator if generator is not None else build_decoder(
-            self.data_shape, latent_dim, width, generator_channels, self.resolve_output_activation(output_activation)
+            self.data_shape, latent_dim, width, generator_channels, self.resolve_output_activation(output_activation),
+            upsample=upsample, init=init,
         )
         self.log_name = LOG_NAMES[objective]
         self.objective_is_upper_bound = IS_UPPER_BOUND[objective]

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_modules.autoencoder import Autoencoder
 from lightning_modules.critic import Critic
-from lightning_modules.networks import OutputActivation, build_critic
+from lightning_modules.networks import Init, OutputActivation, Upsample, build_critic
 from maths.choices import check_choice
 from maths.divergences import get_divergence
 from maths.dual import critic_output, dual_value
@@ -60,6 +60,9 @@ class WAE(Autoencoder):
         n_critic: latent critic steps per autoencoder step.
         lr, critic_lr, betas: Adam settings of the autoencoder and of the latent critic.
         output_activation: "auto" (tanh for images in [-1, 1], none for vectors), "tanh", "none".
+        upsample: how the image decoder doubles its grid, "transposed" or "resize"
+            (`networks.ConvDecoder`).
+        init: "default" (PyTorch's) or "dcgan" (`networks.init_weights`), for every network built here.
         skip_nonfinite_critic_steps: skip a latent critic step whose loss is NaN or infinite (no
             update, optimiser state untouched; counted in `train/skipped_critic_steps`) instead of
             stopping. A non-finite autoencoder loss always stops training.
@@ -90,6 +93,8 @@ class WAE(Autoencoder):
         critic_lr: float = 5e-4,
         betas: tuple[float, float] = (0.5, 0.999),
         output_activation: OutputActivation = "auto",
+        upsample: Upsample = "transposed",
+        init: Init = "default",
         skip_nonfinite_critic_steps: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -98,7 +103,7 @@ class WAE(Autoencoder):
         latent_critic: nn.Module | None = None,
     ) -> None:
         super().__init__(data_shape, latent_dim, prior, cost, encoder_type, width, encoder_channels, decoder_channels,
-                         output_activation, encoder, decoder)
+                         output_activation, encoder, decoder, upsample, init)
         self.save_hyperparameters(ignore=["encoder", "decoder", "latent_critic"])
         check_kernel_name(kernel)
         check_choice("latent_penalty", latent_penalty, LATENT_PENALTIES)
@@ -108,7 +113,7 @@ class WAE(Autoencoder):
         self.latent_critic = None
         if latent_penalty != "mmd":
             if latent_critic is None:
-                latent_critic = build_critic((latent_dim,), critic_width, depth=critic_depth)
+                latent_critic = build_critic((latent_dim,), critic_width, depth=critic_depth, init=init)
             self.latent_critic = Critic(latent_critic, self.divergence, (latent_dim,))
 
     # ---- the latent penalty -------------------------------------------------------------------

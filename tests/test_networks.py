@@ -171,3 +171,100 @@ def test_an_empty_sequential_is_injected_too(name):
     for key in make():
         identity = nn.Sequential()
         assert held(cls(data_shape=(1, 8, 8), **kwargs, **{key: identity}), key) is identity, key
+
+
+# ---- decoder upsampling and weight initialisation ---------------------------------------------------
+
+
+def constant_code_decoder(upsample: str, seed: int = 0) -> nn.Module:
+    """A 28x28 decoder (eval mode, random weights) whose projection ignores the code and gives each
+    channel one random constant: every code enters the upsampling stack as a spatially constant map."""
+    torch.manual_seed(seed)
+    decoder = build_decoder((1, 28, 28), 4, channels=[16, 8, 4], upsample=upsample, output_activation="none").eval()
+    linear = decoder.project[0]
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.randn(16).repeat_interleave(7 * 7))  # (16 x 7 x 7,): constant per channel
+    return decoder
+
+
+def checkerboard(images: torch.Tensor, border: int = 4) -> float:
+    """The largest deviation of the mean of a 2x2 polyphase component (even / odd rows x even / odd
+    columns) from the mean of the image, inside a margin of `border` pixels, relative to the mean
+    absolute value of the images: 0 for an image without a 2-periodic pattern."""
+    inner = images[..., border:-border, border:-border]
+    phases = torch.stack([inner[..., a::2, b::2].mean(dim=(-2, -1)) for a in (0, 1) for b in (0, 1)])  # (4, B, C)
+    return float((phases - phases.mean(dim=0)).abs().max() / images.abs().mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resize_decoder_makes_no_checkerboard_where_transposed_convolutions_do(seed):
+    """A constant code: the transposed convolutions give even and odd pixels different kernel taps (a
+    2-periodic pattern); nearest-neighbour doubling + 3x3 convolution keeps the map constant away from
+    the zero-padded border (4 pixels at 28x28: two doublings, two 3x3 convolutions and the last one)."""
+    z = torch.randn(3, 4)
+    with torch.no_grad():
+        transposed = constant_code_decoder("transposed", seed)(z)
+        resized = constant_code_decoder("resize", seed)(z)
+    assert transposed.shape == resized.shape == (3, 1, 28, 28)
+    assert checkerboard(transposed) > 0.05
+    assert checkerboard(resized) < 1e-5
+    inner = resized[..., 4:-4, 4:-4]
+    assert (inner - inner.mean(dim=(-2, -1), keepdim=True)).abs().max() < 1e-5 * resized.abs().mean()
+
+
+def test_resize_decoder_has_no_transposed_convolution_and_fits_every_shape():
+    for shape in SHAPES[1:]:
+        decoder = build_decoder(shape, 4, width=8, upsample="resize")
+        assert decoder(torch.randn(2, 4)).shape == (2, *shape)
+        assert not any(isinstance(m, nn.ConvTranspose2d) for m in decoder.modules())
+        assert sum(isinstance(m, nn.Upsample) for m in decoder.modules()) == conv_plan(*shape[1:])[0]
+    with pytest.raises(ValueError, match=r"^Unknown upsample 'bilinear'\. Valid choices: transposed, resize\.$"):
+        build_decoder((1, 8, 8), 4, upsample="bilinear")
+
+
+def weight_layers(network: nn.Module) -> list[torch.Tensor]:
+    """The weights of the convolutions and linear layers (the unnormalised ones under spectral norm)."""
+    weights = []
+    for m in network.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            p = getattr(m, "parametrizations", None)
+            weights.append((p.weight.original if p is not None else m.weight).detach())
+    return weights
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_dcgan_init_draws_weights_with_standard_deviation_0_02(spectral_norm):
+    torch.manual_seed(0)
+    networks = [build_decoder((1, 28, 28), 8, width=16, init="dcgan"), build_encoder((1, 28, 28), 8, width=16, init="dcgan"),
+                build_critic((1, 28, 28), width=16, spectral_norm=spectral_norm, init="dcgan")]
+    for network in networks:
+        for weight in weight_layers(network):
+            if weight.numel() >= 2000:  # enough draws for the sample std to be within 10% of 0.02
+                assert 0.018 < float(weight.std()) < 0.022 and abs(float(weight.mean())) < 0.002
+        for m in network.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and m.bias is not None:
+                assert torch.count_nonzero(m.bias) == 0
+            if isinstance(m, nn.BatchNorm2d) and m.num_features >= 16:
+                scale = m.weight.detach()
+                assert abs(float(scale.mean()) - 1) < 0.02 and 0.005 < float(scale.std()) < 0.04
+                assert torch.count_nonzero(m.bias) == 0
+    # PyTorch's default is far from N(0, 0.02) on the first convolution (fan-in 16: std 0.14)
+    assert float(weight_layers(build_critic((1, 28, 28), width=16))[0].std()) > 0.08
+    with pytest.raises(ValueError, match=r"^Unknown init 'xavier'\. Valid choices: default, dcgan\.$"):
+        build_critic((2,), init="xavier")
+
+
+@pytest.mark.parametrize("cls", [FGAN, WAE, PrimalDual, SinkhornGenerator])
+def test_models_build_their_networks_with_the_upsample_and_init_options(cls):
+    torch.manual_seed(0)
+    model = cls(data_shape=(1, 8, 8), upsample="resize", init="dcgan")
+    assert model.hparams.upsample == "resize" and model.hparams.init == "dcgan"
+    assert any(isinstance(m, nn.Upsample) for m in model.decoder.modules())
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in model.decoder.modules())
+    projection = model.decoder.project[0].weight.detach()
+    assert 0.018 < float(projection.std()) < 0.022
+    default = cls(data_shape=(1, 8, 8))
+    assert default.hparams.upsample == "transposed" and default.hparams.init == "default"
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in default.decoder.modules())
+    assert model.sample(2).shape == (2, 1, 8, 8)
