@@ -12,12 +12,14 @@ helpers in probes.py):
 - `ImageLogger`: a logger with a W&B-style `log_image`, recording what it gets;
 - `dual_value(critic, real, fake)`: a model's dual value, as evaluation computes it;
 - `small_config(name, folder)`, `CONFIGS`, `SMALL`: a digits config of each model made small for
-  quick CLI runs (tests/test_devices.py, tests/test_gpu.py).
+  quick CLI runs (tests/test_devices.py, tests/test_gpu.py);
+- `write_mnist(root, folder)`: MNIST's idx files, small, in the real format.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -218,3 +220,20 @@ def small_config(name: str, folder: Path, callbacks: list[dict] | None = None) -
     path = folder / CONFIGS[name]
     path.write_text(yaml.safe_dump(settings))
     return str(path)
+
+
+def mnist_pixels(n: int, offset: int) -> np.ndarray:
+    """(n, 28, 28) uint8 with pixel (i, r, c) = (offset + i + r + 3 c) % 256."""
+    i, r, c = np.ogrid[:n, :28, :28]
+    return ((offset + i + r + 3 * c) % 256).astype(np.uint8)
+
+
+def write_mnist(root: Path, folder: str, n_train: int = 20, n_test: int = 10) -> None:
+    """idx files (big-endian header, magic 2051 images / 2049 labels) in <root>/<folder>/raw/."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n, offset in (("train", n_train, 0), ("t10k", n_test, 100)):
+        images = struct.pack(">IIII", 2051, n, 28, 28) + mnist_pixels(n, offset).tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(images)
+        labels = struct.pack(">II", 2049, n) + bytes(i % 10 for i in range(n))
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)

@@ -73,7 +73,7 @@ def test_cli_refuses_a_decoder_that_does_not_fit_the_images(capsys):
 
 def test_cli_refuses_the_paper_encoder_on_8x8_digits(capsys):
     """The MNIST config's four stride-2 convolutions cannot run on 8x8 digits."""
-    assert main(["fit", "--config", str(ROOT / "configs" / "wae_mnist.yaml"), "--data", "DigitsDataModule"]) == 2
+    assert main(["fit", "--config", str(ROOT / "configs" / "wae_mnist_gpu.yaml"), "--data", "DigitsDataModule"]) == 2
     assert_one_message(capsys, "encoder", "(1, 8, 8)", "[128, 256, 512, 1024]")
 
 

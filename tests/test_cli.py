@@ -10,6 +10,7 @@ import pytest
 
 import cli
 from cli.command import cli_main, main
+from helpers import write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "wae_digits.yaml")
@@ -75,13 +76,40 @@ def test_short_class_names_and_data_shape_link():
 
 @pytest.mark.parametrize(
     "config, shape, decoder_channels",
-    [("wae_mnist.yaml", (1, 28, 28), [1024, 512, 256]), ("wae_celeba.yaml", (3, 64, 64), [1024, 512, 256, 128])],
+    [("wae_mnist_gpu.yaml", (1, 28, 28), [1024, 512, 256]), ("wae_celeba.yaml", (3, 64, 64), [1024, 512, 256, 128])],
 )
 def test_paper_configs_build_the_paper_networks(config, shape, decoder_channels):
     cli = cli_main(["--config", str(ROOT / "configs" / config)], run=False)
     assert cli.model.data_shape == shape
     assert cli.model.hparams.decoder_channels == decoder_channels
     assert cli.model.hparams.encoder_channels == [128, 256, 512, 1024]
+
+
+LAPTOP_MNIST = ["wae_mnist.yaml", "fgan_mnist.yaml", "primal_dual_mnist.yaml", "sinkhorn_mnist.yaml"]
+
+
+def test_every_model_has_a_laptop_and_a_gpu_mnist_config():
+    found = sorted(p.name for p in (ROOT / "configs").glob("*_mnist*.yaml"))
+    assert found == sorted(LAPTOP_MNIST + [name.replace(".yaml", "_gpu.yaml") for name in LAPTOP_MNIST])
+
+
+@pytest.mark.parametrize("config", LAPTOP_MNIST)
+def test_laptop_mnist_configs_train_and_validate_with_their_callbacks(config, tmp_path):
+    """One batch and one validation with every callback of the file, on small MNIST idx files; the
+    file caps training at 10 minutes and builds the GPU version's model class."""
+    import yaml
+
+    write_mnist(tmp_path, "MNIST", n_train=200, n_test=20)
+    args = ["fit", "--config", str(ROOT / "configs" / config), "--data.init_args.data_dir", str(tmp_path),
+            "--data.init_args.batch_size", "8", "--trainer.fast_dev_run", "true", "--trainer.enable_model_summary", "false"]
+    cli = cli_main(args)
+    assert cli.trainer.state.finished and cli.model.data_shape == (1, 28, 28)
+    assert cli.model.sample(2).shape == (2, 1, 28, 28)
+    settings = yaml.safe_load((ROOT / "configs" / config).read_text())
+    assert settings["trainer"]["max_time"] == "00:00:10:00"
+    gpu = yaml.safe_load((ROOT / "configs" / config.replace(".yaml", "_gpu.yaml")).read_text())
+    assert gpu["model"]["class_path"] == settings["model"]["class_path"]
+    assert "max_time" not in gpu["trainer"] and gpu["trainer"]["max_epochs"] >= 25
 
 
 def test_missing_dataset_folder_is_named(tmp_path):
@@ -135,7 +163,7 @@ def test_fgan_gaussians_config_logs_mode_coverage():
 
 @pytest.mark.parametrize(
     "config, shape, generator_channels, critic_channels",
-    [("fgan_mnist.yaml", (1, 28, 28), [256, 128, 64], [64, 128, 256]),
+    [("fgan_mnist_gpu.yaml", (1, 28, 28), [256, 128, 64], [64, 128, 256]),
      ("fgan_celeba.yaml", (3, 64, 64), [1024, 512, 256, 128, 64], [64, 128, 256, 512])],
 )
 def test_fgan_paper_configs_build_dcgan_networks(config, shape, generator_channels, critic_channels):

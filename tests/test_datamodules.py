@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import pickle
-import struct
 from pathlib import Path
 from urllib.error import URLError
 
@@ -29,6 +28,7 @@ from datamodules import (
 )
 from datamodules.images import UnreadableImageError
 from cli.command import main
+from helpers import mnist_pixels, write_mnist
 
 ALL_CLASSES = [CelebADataModule, CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule,
                GaussianMixtureDataModule, ImageFolderDataModule, MNISTDataModule]
@@ -62,23 +62,6 @@ def forbid_download(monkeypatch, target: str) -> None:
 
 
 # ---- file writers in the real on-disk formats ----------------------------------------------
-
-def mnist_pixels(n: int, offset: int) -> np.ndarray:
-    """(n, 28, 28) uint8 with pixel (i, r, c) = (offset + i + r + 3 c) % 256."""
-    i, r, c = np.ogrid[:n, :28, :28]
-    return ((offset + i + r + 3 * c) % 256).astype(np.uint8)
-
-
-def write_mnist(root: Path, folder: str, n_train: int = 20, n_test: int = 10) -> None:
-    """idx files (big-endian header, magic 2051 images / 2049 labels) in <root>/<folder>/raw/."""
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n, offset in (("train", n_train, 0), ("t10k", n_test, 100)):
-        images = struct.pack(">IIII", 2051, n, 28, 28) + mnist_pixels(n, offset).tobytes()
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(images)
-        labels = struct.pack(">II", 2049, n) + bytes(i % 10 for i in range(n))
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
-
 
 def cifar_pixels(start: int, n: int) -> np.ndarray:
     """(n, 3072) uint8 rows (R plane, G plane, B plane), pixel value (7 * image + position) % 256."""
