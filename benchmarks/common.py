@@ -8,7 +8,7 @@ Process settings, the same for every contender of every benchmark:
   glibc reads them once at start-up, so `use_allocator_env()` re-executes the script with them
   when they are missing (set BENCH_KEEP_ENV=1 to keep the environment as it is; the result files
   record what was in effect). Without them, large temporaries are mapped and unmapped on every
-  call and page faults dominate some timings (docs/BENCHMARKS.md section 5).
+  call and page faults dominate some timings (docs/BENCHMARKS.md section 8).
 - torch threads: 2 (`torch.set_num_threads`), the machine the project targets.
 - denormal floats flushed to zero (`torch.set_flush_denormal(True)`): the project's models set
   it in `setup`, process-wide; setting it first gives every contender the same arithmetic.
@@ -170,6 +170,14 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def mean_sd(values: Iterable[float | None]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation) of the finite values (sd 0 for one value); (None, None) for none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None, None
+    return statistics.mean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
 # ---- result files and tables ----------------------------------------------------------------------
 
 
@@ -302,3 +310,26 @@ def save_figure(fig: Any, path: str, dpi: int = 80, tight: bool = True) -> None:
         fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+def sample_grids(panels: Sequence[tuple[str, Any]], path: str, title: str, cols: int, size: float = 2.6,
+                 dpi: int = 100) -> None:
+    """One panel of 8-wide image grids per (caption, images (N, 1, H, W) in [-1, 1], nested lists or a
+    tensor), written to `path`. Non-finite pixels are drawn black."""
+    import torch
+    from torchvision.utils import make_grid
+
+    plt = pyplot()
+    cols = max(1, min(cols, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, (size + 0.4) * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (caption, images) in zip(axes.flat, panels):
+        images = torch.as_tensor(images).nan_to_num(0.0).clamp(-1, 1)  # (N, 1, H, W)
+        grid = make_grid((images + 1) / 2, nrow=8, padding=1, pad_value=1.0)[0]  # (H', W')
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(caption, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()), h_pad=1.2)
+    save_figure(fig, path, dpi=dpi, tight=False)

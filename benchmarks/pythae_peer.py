@@ -63,6 +63,27 @@ def pythae_wae_mmd(encoder: Any, decoder: Any, data_shape: Sequence[int], latent
     return WAE_MMD(config, encoder=Encoder(encoder), decoder=Decoder(decoder))
 
 
+def train_pythae_wae(model: Any, images: Any, epochs: int, batch_size: int, lr: float, betas: Sequence[float],
+                     seed: int) -> Any:
+    """Train a pythae model (from `pythae_wae_mmd`) on `images` (N, C, H, W) with pythae's own
+    BaseTrainer (Adam(lr, betas), CPU, its output folder a temporary one); returns it in eval mode."""
+    import contextlib
+    import io
+    import tempfile
+
+    import torch
+    from pythae.data.datasets import BaseDataset
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig
+
+    dataset = BaseDataset(images, torch.zeros(len(images)))  # labels unused
+    with tempfile.TemporaryDirectory(prefix="pythae_") as out, contextlib.redirect_stderr(io.StringIO()):
+        config = BaseTrainerConfig(output_dir=out, num_epochs=epochs, per_device_train_batch_size=batch_size,
+                                   learning_rate=lr, optimizer_params={"betas": tuple(betas)}, no_cuda=True, seed=seed)
+        trainer = BaseTrainer(model, train_dataset=dataset, training_config=config)
+        trainer.train()
+    return trainer.model.eval()  # the last epoch's weights, as for the other models
+
+
 PYTHAE_MATCHING = [
     ("reconstruction cost", "sum over pixels of (x - G(E(x)))^2, batch mean (cost='l2sq')",
      "F.mse_loss(reduction='none').sum(-1), batch mean, reconstruction_loss_scale=1", "equal"),

@@ -42,15 +42,14 @@ Writes benchmarks/results/quality[_quick].csv (one row per model and seed), .jso
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any
 
 from benchmarks import common
 from benchmarks.machine import machine_info
-from benchmarks.pythae_peer import import_pythae
-from benchmarks.quality_runs import BATCH_SIZE, COST, WIDTH, digits, import_class, reference_row, train_one
+from benchmarks.quality_runs import (BATCH_SIZE, COST, WIDTH, digits, equalise_networks, reference_row, resolve_models,
+                                     train_one)
 
 NAME = "quality"
 CRITIC_WIDTH = 64
@@ -71,74 +70,24 @@ MODELS: list[tuple[str, str, str | None, dict[str, Any]]] = [
 ]
 
 
-def load_config(name: str) -> tuple[str, dict[str, Any]]:
-    """(class path, init_args) of configs/<name>.yaml; ("", {}) when the file is missing."""
-    model = common.read_config(name).get("model", {})
-    return model.get("class_path", ""), dict(model.get("init_args") or {})
-
-
 def equal_budget(class_path: str, init_args: dict[str, Any]) -> dict[str, Any]:
     """The init_args with the widths made equal across models (only the arguments the class has)."""
-    import inspect
-
-    cls = import_class(class_path)
-    params = inspect.signature(cls.__init__).parameters
-    wanted = {"width": WIDTH, "encoder_channels": None, "decoder_channels": None, "generator_channels": None,
+    shared = {"width": WIDTH, "encoder_channels": None, "decoder_channels": None, "generator_channels": None,
               "critic_channels": None}
-    if "latent_critic_width" in params:  # PrimalDual: a data critic and a latent critic
-        wanted.update(critic_width=CRITIC_WIDTH, latent_critic_width=LATENT_CRITIC["width"],
-                      latent_critic_depth=LATENT_CRITIC["depth"])
-    elif "latent_penalty" in params:  # WAE: its critic is the latent critic
-        wanted.update(critic_width=LATENT_CRITIC["width"], critic_depth=LATENT_CRITIC["depth"])
-    else:  # FGAN: a data critic
-        wanted.update(critic_width=CRITIC_WIDTH)
-    return {**init_args, **{k: v for k, v in wanted.items() if k in params}}
+    return equalise_networks(class_path, init_args, shared, {"critic_width": CRITIC_WIDTH}, LATENT_CRITIC)
 
 
 def model_jobs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(jobs, skipped models with the reason)."""
-    jobs, skipped = [], []
-    for name, config, class_path, overrides in MODELS:
-        if args.models and name not in args.models:
-            continue
-        config_class, init_args = load_config(config)
-        if class_path == "pythae":
-            if args.no_pythae:
-                skipped.append({"model": name, "note": "skipped: --no-pythae"})
-                continue
-            try:
-                import_pythae()
-            except ModuleNotFoundError as err:
-                skipped.append({"model": name, "note": f"skipped: {err}"})
-                continue
-        else:
-            class_path = class_path or config_class
-            try:
-                import_class(class_path)
-            except (ImportError, AttributeError) as err:
-                skipped.append({"model": name, "note": f"skipped: {class_path} is not available ({err})"})
-                continue
-        if not init_args:
-            skipped.append({"model": name, "note": f"skipped: configs/{config}.yaml not found"})
-            continue
-        init_args = {**init_args, **overrides}
-        if class_path != "pythae":
-            init_args = equal_budget(class_path, init_args)
-        for seed in args.seeds:
-            jobs.append({"model": name, "class_path": class_path, "init_args": init_args, "seed": seed,
-                         "epochs": args.epochs, "num_samples": args.num_samples, "threads": args.threads,
-                         "keep_samples": seed == args.seeds[0], "bracket_seconds": args.bracket_seconds})
+    models, skipped = resolve_models(MODELS, args, equal_budget)
+    jobs = [{"model": name, "class_path": class_path, "init_args": init_args, "seed": seed, "epochs": args.epochs,
+             "num_samples": args.num_samples, "threads": args.threads, "keep_samples": seed == args.seeds[0],
+             "bracket_seconds": args.bracket_seconds}
+            for name, class_path, init_args in models for seed in args.seeds]
     return jobs, skipped
 
 
 # ---- summary, table, plot -----------------------------------------------------------------------
-
-
-def _stats(values: list[float | None]) -> tuple[float | None, float | None, int]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return None, None, 0
-    return mean(finite), (stdev(finite) if len(finite) > 1 else 0.0), len(finite)
 
 
 def summarize(results: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,15 +95,15 @@ def summarize(results: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> d
     per_model = []
     for name in models:
         rs = [r for r in results if r["model"] == name]
-        fid_mean, fid_sd, ok = _stats([r["fid"] for r in rs])
-        w_mean, w_sd, _ = _stats([r["w_upper"] for r in rs])
-        lower_mean, _, _ = _stats([r["w_lower"] for r in rs])
-        held_mean, held_sd, _ = _stats([r.get("w_held_out") for r in rs])
+        fid_mean, fid_sd = common.mean_sd(r["fid"] for r in rs)
+        w_mean, w_sd = common.mean_sd(r["w_upper"] for r in rs)
+        lower_mean, _ = common.mean_sd(r["w_lower"] for r in rs)
+        held_mean, held_sd = common.mean_sd(r.get("w_held_out") for r in rs)
         errors = [r["error"] for r in rs if r.get("error")]
         per_model.append({"model": name, "seeds": [r["seed"] for r in rs], "fid_mean": fid_mean, "fid_sd": fid_sd,
                           "w_upper_mean": w_mean, "w_upper_sd": w_sd, "w_lower_mean": lower_mean,
                           "w_held_out_mean": held_mean, "w_held_out_sd": held_sd,
-                          "diverged_seeds": len(rs) - ok - len(errors), "failed_seeds": len(errors),
+                          "diverged_seeds": sum(r["fid"] is None for r in rs) - len(errors), "failed_seeds": len(errors),
                           "errors": errors, "train_seconds_mean": mean(r["train_seconds"] for r in rs)})
     summary: dict[str, Any] = {"models": per_model, "skipped": skipped, "verdicts": []}
     contenders = [m for m in per_model if not m["model"].startswith("data:") and m["fid_mean"] is not None]
@@ -215,26 +164,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(results: list[dict[str, Any]], path: str, title: str) -> None:
-    import torch
-    from torchvision.utils import make_grid
-
-    plt = common.pyplot()
-
-    shown = [r for r in results if r.get("samples") is not None]
-    cols = min(6, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.9 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, shown):
-        images = torch.tensor(r["samples"]).nan_to_num(0.0).clamp(-1, 1)  # (64, 1, 8, 8)
-        grid = make_grid((images + 1) / 2, nrow=8, padding=1, pad_value=1.0)[0]  # (H, W)
-        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        fid = "FID -" if r["fid"] is None else f"FID {r['fid']:.2f}"
-        ax.set_title(f"{r['model']}\n{fid}", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()), h_pad=1.5)
-    common.save_figure(fig, path, dpi=110, tight=False)
+    panels = [(f"{r['model']}\n" + ("FID -" if r["fid"] is None else f"FID {r['fid']:.2f}"), r["samples"])
+              for r in results if r.get("samples") is not None]
+    common.sample_grids(panels, path, title, cols=6, size=2.4, dpi=110)
 
 
 def main() -> None:

@@ -1,15 +1,20 @@
 """One run of the quality benchmark (`benchmarks.quality`), in a worker process: train a model of the
 project (or pythae's WAE_MMD) on the digits' training split, draw samples, and score them against
-the training images (domain FID, certified Sinkhorn bracket) and the held-out images (exact W_c)."""
+the training images (domain FID, certified Sinkhorn bracket) and the held-out images (exact W_c).
+
+The image scores that the MNIST table (`benchmarks.quality_mnist`) and the f-GAN study
+(`studies.fgan_samples`) share are here too: the MNIST splits as tensors (`mnist_tensors`), and
+`image_scores` (domain FID against held-out images, a classifier's mean confidence and the class
+balance of the samples)."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks import common
-from benchmarks.pythae_peer import import_pythae, pythae_wae_mmd
+from benchmarks.pythae_peer import import_pythae, pythae_wae_mmd, train_pythae_wae
 
 BATCH_SIZE = 64
 WIDTH = 64
@@ -22,6 +27,69 @@ def import_class(class_path: str) -> type:
 
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def load_config(name: str) -> tuple[str, dict[str, Any]]:
+    """(class path, init_args) of configs/<name>.yaml; ("", {}) when the file is missing."""
+    model = common.read_config(name).get("model", {})
+    return model.get("class_path", ""), dict(model.get("init_args") or {})
+
+
+def equalise_networks(class_path: str, init_args: dict[str, Any], shared: dict[str, Any], data_critic: dict[str, Any],
+                      latent_critic: dict[str, int]) -> dict[str, Any]:
+    """The init_args with the networks made equal across models, only the arguments the class has:
+    `shared` for all, `data_critic` for a data critic (FGAN, PrimalDual), `latent_critic` ({"width",
+    "depth"}) for a latent critic (PrimalDual's; the WAE's critic is one)."""
+    import inspect
+
+    params = inspect.signature(import_class(class_path).__init__).parameters
+    wanted = dict(shared)
+    if "latent_critic_width" in params:  # PrimalDual: a data critic and a latent critic
+        wanted.update(data_critic, latent_critic_width=latent_critic["width"], latent_critic_depth=latent_critic["depth"])
+    elif "latent_penalty" in params:  # WAE: its critic is the latent critic
+        wanted.update(critic_width=latent_critic["width"], critic_depth=latent_critic["depth"])
+    else:  # FGAN, SinkhornGenerator: a data critic where there is one
+        wanted.update(data_critic)
+    return {**init_args, **{k: v for k, v in wanted.items() if k in params}}
+
+
+def resolve_models(
+    models: list[tuple[str, str, str | None, dict[str, Any]]], args: Any,
+    equalise: Callable[[str, dict[str, Any]], dict[str, Any]], equalise_pythae: bool = False,
+) -> tuple[list[tuple[str, str, dict[str, Any]]], list[dict[str, Any]]]:
+    """The quality tables' rows (name, config, class path or None for the config's or "pythae",
+    overrides) resolved to (name, class path, init_args): the config's init_args, the overrides,
+    then `equalise(class path, init_args)` (pythae's row: with its config's class when
+    `equalise_pythae`). Rows not in `args.models`, or that cannot run, are skipped with the reason."""
+    resolved, skipped = [], []
+    for name, config, class_path, overrides in models:
+        if args.models and name not in args.models:
+            continue
+        config_class, init_args = load_config(config)
+        if class_path == "pythae":
+            if args.no_pythae:
+                skipped.append({"model": name, "note": "skipped: --no-pythae"})
+                continue
+            try:
+                import_pythae()
+            except ModuleNotFoundError as err:
+                skipped.append({"model": name, "note": f"skipped: {err}"})
+                continue
+        else:
+            class_path = class_path or config_class
+            try:
+                import_class(class_path)
+            except (ImportError, AttributeError) as err:
+                skipped.append({"model": name, "note": f"skipped: {class_path} is not available ({err})"})
+                continue
+        if not init_args:
+            skipped.append({"model": name, "note": f"skipped: configs/{config}.yaml not found"})
+            continue
+        init_args = {**init_args, **overrides}
+        if class_path != "pythae" or equalise_pythae:
+            init_args = equalise(config_class if class_path == "pythae" else class_path, init_args)
+        resolved.append((name, class_path, init_args))
+    return resolved, skipped
 
 
 def digits(seed: int = 0) -> Any:
@@ -52,13 +120,7 @@ def train_lightning(job: dict[str, Any], datamodule: Any) -> Any:
 
 def train_pythae(job: dict[str, Any], datamodule: Any) -> Any:
     """pythae's WAE_MMD with the WAE-MMD row's networks and settings, trained by its BaseTrainer."""
-    import contextlib
-    import io
-    import tempfile
-
     import torch
-    from pythae.data.datasets import BaseDataset
-    from pythae.trainers import BaseTrainer, BaseTrainerConfig
 
     from lightning_modules.networks import build_decoder, build_encoder
 
@@ -66,15 +128,8 @@ def train_pythae(job: dict[str, Any], datamodule: Any) -> Any:
     shape, latent = datamodule.dims, a["latent_dim"]
     model = pythae_wae_mmd(build_encoder(shape, latent, WIDTH), build_decoder(shape, latent, WIDTH, None, "tanh"),
                            shape, latent, a["lambda_"])
-    train = datamodule.train_set
-    dataset = BaseDataset(split_images(train), torch.stack([train[i][1] for i in range(len(train))]))
-    with tempfile.TemporaryDirectory(prefix="pythae_quality_") as out, contextlib.redirect_stderr(io.StringIO()):
-        config = BaseTrainerConfig(output_dir=out, num_epochs=job["epochs"], per_device_train_batch_size=BATCH_SIZE,
-                                   learning_rate=a["lr"], optimizer_params={"betas": tuple(a["betas"])}, no_cuda=True,
-                                   seed=job["seed"])
-        trainer = BaseTrainer(model, train_dataset=dataset, training_config=config)
-        trainer.train()
-    model = trainer.model.eval()  # the last epoch's weights, as for the other models
+    model = train_pythae_wae(model, split_images(datamodule.train_set), job["epochs"], BATCH_SIZE, a["lr"], a["betas"],
+                             job["seed"])
 
     @torch.no_grad()
     def sample(n: int, generator: Any) -> Any:
@@ -176,3 +231,98 @@ def reference_row(bracket_seconds: float) -> dict[str, Any]:
     row.update(evaluate(held_out, split_images(datamodule.train_set), bracket_seconds))
     row["w_held_out"] = held_out_distance(split_images(datamodule.train_set)[: len(held_out)], held_out)
     return row
+
+
+# ---- scores of image samples shared with the MNIST table and the f-GAN study ---------------------
+
+
+def default_mnist_dir() -> str:
+    """Where the MNIST idx files are read from when no folder is given: `data/` of the repository
+    if it holds MNIST/raw, else `../shared/data` beside the repository (the project's shared copy)."""
+    for candidate in (os.path.join(common.ROOT, "data"), os.path.join(os.path.dirname(common.ROOT), "shared", "data")):
+        if os.path.isdir(os.path.join(candidate, "MNIST", "raw")):
+            return candidate
+    return os.path.join(common.ROOT, "data")
+
+
+def mnist_tensors(data_dir: str, seed: int = 0) -> dict[str, Any]:
+    """MNIST as tensors in [-1, 1], split as `MNISTDataModule(data_dir, seed=seed)` splits it:
+    {"train": (54000, 1, 28, 28), "train_labels", "val", "test": (10000, 1, 28, 28), "test_labels"}.
+    Read from torchvision's uint8 arrays at once (x / 255 * 2 - 1, what the datamodule's ToTensor and
+    Normalize(0.5, 0.5) give image by image), so that a benchmark does not decode 60000 images."""
+    import torch
+
+    from datamodules import MNISTDataModule
+
+    datamodule = MNISTDataModule(data_dir=data_dir, seed=seed)
+    datamodule.setup("fit")
+
+    def scaled(dataset: Any) -> Any:
+        return (dataset.data.to(torch.float32) / 255.0 * 2.0 - 1.0).unsqueeze(1)  # (N, 1, 28, 28)
+
+    full, test = datamodule.train_set.dataset, datamodule.test_set
+    train_index, val_index = torch.tensor(datamodule.train_set.indices), torch.tensor(datamodule.val_set.indices)
+    images = scaled(full)
+    return {"train": images[train_index], "train_labels": full.targets[train_index], "val": images[val_index],
+            "test": scaled(test), "test_labels": test.targets.clone()}
+
+
+def shipped_classifier(name: str, dims: tuple[int, ...]) -> Any:
+    """The package's feature network for `name` ("digits" or "mnist"): its `forward` gives the 64 FID
+    features, its `classify` the class logits."""
+    from callbacks.features import load_shipped_features
+
+    net = load_shipped_features(name, tuple(dims), 10)
+    if net is None:
+        raise FileNotFoundError(f"callbacks/weights has no shipped feature network for {name} {tuple(dims)}")
+    return net
+
+
+def feature_fit(images: Any, net: Any, batch_size: int = 1000) -> tuple[Any, Any]:
+    """(mean, covariance) in float64 of `net`'s 64 features of `images` (n, C, H, W): the real side of
+    `image_scores`, computed once for many sample sets."""
+    import torch
+
+    from callbacks.fid import mean_cov
+
+    with torch.inference_mode():
+        f = torch.cat([net(chunk.float()).double() for chunk in images.split(batch_size)])
+    return mean_cov(f.sum(0), f.T @ f, f.shape[0])
+
+
+def image_scores(samples: Any, real: Any, net: Any, batch_size: int = 1000) -> dict[str, Any]:
+    """Scores of `samples` (n, C, H, W) in [-1, 1] against held-out `real` images (or their
+    `feature_fit`), with the shipped classifier `net`:
+    - `fid`: the Frechet distance between Gaussian fits of its 64 features (the domain FID, as
+      `FIDCallback(feature_extractor="domain")` computes it; not Inception FID);
+    - `confidence`: its mean max softmax probability on the samples (1: every sample is read as one
+      digit without doubt; about 0.99 on real test images);
+    - `balance`: the entropy of the predicted classes' frequencies over log 10 (1: every class as
+      often), and `classes`: those frequencies (10 numbers summing to 1).
+    Non-finite samples give None everywhere."""
+    import torch
+
+    from callbacks.fid import frechet_distance, mean_cov
+
+    if not torch.isfinite(samples).all():
+        return {"fid": None, "confidence": None, "balance": None, "classes": None}
+
+    def features_and_probabilities(x: Any) -> tuple[Any, Any]:
+        feats, probs = [], []
+        with torch.inference_mode():
+            for chunk in x.float().split(batch_size):
+                feats.append(net(chunk).double())
+                probs.append(torch.softmax(net.classify(chunk), dim=1).double())
+        return torch.cat(feats), torch.cat(probs)
+
+    real_fit = real if isinstance(real, tuple) else feature_fit(real, net, batch_size)
+    fake_features, probabilities = features_and_probabilities(samples)
+    fake_fit = mean_cov(fake_features.sum(0), fake_features.T @ fake_features, fake_features.shape[0])
+    fid = float(frechet_distance(*real_fit, *fake_fit))
+    counts = torch.bincount(probabilities.argmax(1), minlength=probabilities.shape[1]).double()
+    freq = counts / counts.sum()
+    entropy = -(freq[freq > 0] * freq[freq > 0].log()).sum()
+    return {"fid": fid, "confidence": float(probabilities.max(1).values.mean()),
+            "balance": float(entropy / torch.log(torch.tensor(float(len(freq)), dtype=torch.float64))),
+            "classes": [round(float(v), 4) for v in freq]}
+

@@ -41,3 +41,31 @@ def test_transport_encoder_terms_match_closed_forms_for_the_identity_generator()
     assert terms[0.02]["D_kl"] > terms[0.2]["D_kl"] > terms[0.7]["D_kl"]  # spikier mixtures are farther from P_Z
     best = best_primal(list(terms.values()), "kl", 1e6)  # lambda huge: only the collapsed encoder is cheap
     assert best["width"] == 1.0 and best["primal"] == pytest.approx(math.sqrt(math.pi), abs=0.03)
+
+
+def test_mean_sd_skips_missing_and_non_finite_values():
+    import statistics
+
+    from benchmarks.common import mean_sd
+
+    values = [1.0, None, 4.0, float("nan"), 7.0, float("inf")]
+    assert mean_sd(values) == (statistics.mean([1.0, 4.0, 7.0]), statistics.stdev([1.0, 4.0, 7.0]))
+    assert mean_sd([2.5]) == (2.5, 0.0) and mean_sd([None, float("nan")]) == (None, None)
+
+
+def test_quality_tables_give_each_model_only_the_network_arguments_it_has():
+    from benchmarks.quality_mnist import equal_networks
+    from lightning_modules import FGAN, WAE, PrimalDual, SinkhornGenerator
+
+    base = {"latent_dim": 8}
+    wae = equal_networks("lightning_modules.WAE", base)
+    fgan = equal_networks("lightning_modules.FGAN", base)
+    pd = equal_networks("lightning_modules.PrimalDual", base)
+    sink = equal_networks("lightning_modules.SinkhornGenerator", base)
+    assert wae["critic_width"] == 256 and "critic_channels" not in wae and wae["upsample"] == "resize"
+    assert fgan["critic_channels"] == [32, 64] and fgan["generator_channels"] == [128, 64, 32]
+    assert pd["critic_channels"] == [32, 64] and pd["latent_critic_width"] == 256 and pd["decoder_channels"] == [128, 64, 32]
+    assert "critic_channels" not in sink and sink["generator_channels"] == [128, 64, 32]
+    for cls, args in ((WAE, wae), (FGAN, fgan), (PrimalDual, pd), (SinkhornGenerator, sink)):
+        model = cls(data_shape=(1, 28, 28), **args)  # every argument is one the class takes
+        assert model.sample(2).shape == (2, 1, 28, 28)
