@@ -15,8 +15,8 @@ of `--test-images` MNIST test images through the trained encoder and decoder, in
 mean over rounds. `--profile` adds an op-level table (torch.profiler) of one window of the fastest
 project setting and of pythae: where the time goes.
 
-MNIST comes from `--data-dir` (the folder holding MNIST/raw; see ../shared/data/README.md in the
-project's workspace). Without it the images are synthetic and the reconstruction column is
+MNIST comes from `--data-dir` (the folder holding MNIST/raw; by default `data/` or `../shared/data`
+when one holds it). Without MNIST the images are synthetic and the reconstruction column is
 meaningless (the table says so).
 
     python -m benchmarks.precision --data-dir ../shared/data --quick
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import tempfile
 import time
 from typing import Any
@@ -36,6 +37,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.machine import machine_at_start
 from benchmarks.pythae_peer import import_pythae, pythae_wae_mmd
+from benchmarks.quality_runs import default_mnist_dir
 from benchmarks.timing import window_rates
 from benchmarks.wae_step import BATCH, BETAS, IMAGE_SHAPE, LAMBDA, LATENT_DIM, LR, build_wae, network_variants
 
@@ -150,6 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_pythae:
         import_pythae()
     steps = args.warmup + args.windows * args.steps
+    if args.data_dir is None and os.path.isdir(os.path.join(default_mnist_dir(), "MNIST", "raw")):
+        args.data_dir = default_mnist_dir()
     train_x, test_x, real = mnist_images(args.data_dir, steps * BATCH, args.test_images)
     machine = machine_at_start()
     rows, profiles = [], {}
@@ -206,7 +210,8 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 round, 2 windows of 5 steps")
-    parser.add_argument("--data-dir", help="the folder that holds MNIST/raw (default: synthetic images)")
+    parser.add_argument("--data-dir", help="the folder that holds MNIST/raw (default: data/ or ../shared/data when "
+                                           "one holds it, else synthetic images)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--networks", nargs="+", help="by encoder channels (default: the half-width variant)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 2; quick 1)")

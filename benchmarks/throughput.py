@@ -4,7 +4,7 @@ One WAE-MMD training step (docs/theory.md 3.3): encode a batch of 100 images of 
 Euclidean reconstruction cost + lambda (10) x the unbiased IMQ multi-scale MMD^2 between the codes
 (d_z = 8) and N(0, I) draws, backward, one Adam step. Synthetic images, uniform in [-1, 1] (no
 download; a throughput does not depend on what the pixels show). Networks from
-configs/wae_mnist.yaml (the WAE paper's MNIST encoder 128-256-512-1024 channels, decoder
+configs/wae_mnist_gpu.yaml (the WAE paper's MNIST encoder 128-256-512-1024 channels, decoder
 1024-512-256) and the variant with half the channels (64-128-256-512 / 512-256-128).
 
 Contenders, each on its own copy of the same networks (same initial weights), fed by the same kind

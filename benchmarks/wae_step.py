@@ -1,5 +1,5 @@
 """The WAE-MMD training step that `benchmarks.throughput` times (docs/theory.md 3.3): its networks
-(configs/wae_mnist.yaml and the variant with half the channels), synthetic 28x28 images, the loader,
+(configs/wae_mnist_gpu.yaml and the variant with half the channels), synthetic 28x28 images, the loader,
 the loss written with the project's functions, its FLOPs, and the check that pythae computes the
 same objective."""
 
@@ -19,8 +19,8 @@ LR, BETAS = 1e-3, (0.5, 0.999)
 
 def network_variants() -> dict[str, dict[str, list[int]]]:
     """{name: {encoder_channels, decoder_channels}}: the WAE paper's MNIST networks (read from
-    configs/wae_mnist.yaml) and the variant with half the channels."""
-    init = common.config_parts("wae_mnist")[0]
+    configs/wae_mnist_gpu.yaml) and the variant with half the channels."""
+    init = common.config_parts("wae_mnist_gpu")[0]
     enc, dec = list(init["encoder_channels"]), list(init["decoder_channels"])
     return {
         "-".join(map(str, enc)): {"encoder_channels": enc, "decoder_channels": dec},
