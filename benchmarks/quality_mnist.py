@@ -29,7 +29,7 @@ Reference row: the 6000 validation images in place of samples (the floor of each
 
 Each (model, seed) runs in a worker process (`--workers`, `--threads` torch threads each).
 
-    python -m benchmarks.quality_mnist --quick      # 2 seeds, 1 epoch over 12800 images: under 10 minutes on 2 cores
+    python -m benchmarks.quality_mnist --quick      # 2 seeds, 1 epoch over 10240 images: under 10 minutes on 2 cores
     python -m benchmarks.quality_mnist              # 2 seeds, 1 epoch over the 54000 images: under 60 minutes
 
 Writes benchmarks/results/quality_mnist[_quick].csv (one row per model and seed), .json and .png
@@ -60,7 +60,7 @@ LATENT_CRITIC = {"width": 256, "depth": 3}
 # The SinkhornGenerator's loss is OT between a data batch and a sample batch, whose minimiser averages
 # digits when the batch is small: it trains on the batches of its config (the same images per epoch).
 BATCH_SIZES = {"SinkhornGenerator": 256}
-QUICK = {"epochs": 1, "train_images": 12800, "num_samples": 2000}
+QUICK = {"epochs": 1, "train_images": 10240, "num_samples": 2000}
 FULL = {"epochs": 1, "train_images": None, "num_samples": 5000}
 
 # name, MNIST config to start from, class path (None: the config's), overrides of its init_args.
