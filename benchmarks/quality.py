@@ -49,7 +49,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.machine import machine_info
 from benchmarks.quality_runs import (BATCH_SIZE, COST, WIDTH, digits, equalise_networks, reference_row, resolve_models,
-                                     train_one)
+                                     run_with_progress, train_one)
 
 NAME = "quality"
 CRITIC_WIDTH = 64
@@ -198,12 +198,8 @@ def main() -> None:
         print(f"{s['model']}: {s['note']}")
     print(f"{len(jobs)} runs, {args.epochs} epochs each, {args.workers} worker(s) x {args.threads} thread(s)", flush=True)
     results = [reference_row(args.bracket_seconds)]
-    for r in common.map_in_workers(train_one, jobs, args.workers):
-        results.append(r)
-        fid = (f"FAILED: {r['error']}" if r.get("error") else "diverged" if r["fid"] is None
-               else f"FID {r['fid']:.3f}, W upper {r['w_upper']:.3f}")
-        print(f"[{len(results) - 1}/{len(jobs)}] {r['model']:<26} seed {r['seed']}: {fid} "
-              f"({r['train_seconds']:.0f} s training)", flush=True)
+    results += run_with_progress(train_one, jobs, args.workers,
+                                 lambda r: f"FID {r['fid']:.3f}, W upper {r['w_upper']:.3f}")
     elapsed = time.time() - start
     summary = summarize(results, skipped)
     settings = {"epochs": args.epochs, "seeds": args.seeds, "num_samples": args.num_samples, "batch_size": BATCH_SIZE,

@@ -48,7 +48,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.machine import machine_info
 from benchmarks.pythae_peer import import_pythae, pythae_wae_mmd, train_pythae_wae
-from benchmarks.quality_runs import default_mnist_dir, equalise_networks, import_class, resolve_models
+from benchmarks.quality_runs import default_mnist_dir, equalise_networks, import_class, resolve_models, run_with_progress
 
 NAME = "quality_mnist"
 BATCH_SIZE = 64
@@ -158,12 +158,13 @@ def train_pythae(job: dict[str, Any], train: Any) -> tuple[Any, Any]:
     return sample, reconstruct
 
 
-def score(samples: Any, test: Any, net: Any, w_samples: int, real_fit: Any = None) -> dict[str, Any]:
-    """image_scores against the test images, and the W bracket between w_samples of each."""
+def score(samples: Any, test: Any, net: Any, w_samples: int, test_fit: tuple[Any, Any]) -> dict[str, Any]:
+    """image_scores against the test images (their feature statistics `test_fit`), and the W
+    bracket between w_samples of each."""
     from benchmarks.quality_runs import image_scores
     from transport import wasserstein_bracket
 
-    result = image_scores(samples, real_fit if real_fit is not None else test, net)
+    result = image_scores(samples, test_fit, net)
     if result["fid"] is None:
         return {**result, "w_lower": None, "w_upper": None, "w_method": None}
     bracket = wasserstein_bracket(test[:w_samples].double(), samples[:w_samples].double(), cost=COST, tol=0.01,
@@ -210,7 +211,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
               "steps": job["epochs"] * math.ceil(len(data["train"]) / BATCH_SIZES.get(job["model"], BATCH_SIZE)),
               "train_seconds": seconds,
               "samples": samples[:64].tolist() if job["keep_samples"] else None, "error": ""}
-    result.update(score(samples, data["test"], net, job["w_samples"]))
+    result.update(score(samples, data["test"], net, job["w_samples"], job["test_fit"]))
     result["recon"] = None
     if reconstruct is not None:
         with torch.random.fork_rng(devices=[]):
@@ -220,16 +221,18 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def reference_row(data_dir: str, w_samples: int) -> dict[str, Any]:
-    """The 6000 validation images in place of samples: the floor of every score."""
-    from benchmarks.quality_runs import mnist_tensors, shipped_classifier
+def reference_row(data_dir: str, w_samples: int) -> tuple[dict[str, Any], tuple[Any, Any]]:
+    """The 6000 validation images in place of samples (the floor of every score), and the test
+    images' feature statistics (`quality_runs.feature_fit`) that every run's scores reuse."""
+    from benchmarks.quality_runs import feature_fit, mnist_tensors, shipped_classifier
 
     data = mnist_tensors(data_dir)
     net = shipped_classifier("mnist", (1, 28, 28))
+    test_fit = feature_fit(data["test"], net)
     row = {"model": f"data: validation images (n = {len(data['val'])})", "seed": 0, "epochs": 0, "train_seconds": 0.0,
            "samples": data["val"][:64].tolist(), "error": "", "recon": None}
-    row.update(score(data["val"], data["test"], net, w_samples))
-    return row
+    row.update(score(data["val"], data["test"], net, w_samples, test_fit))
+    return row, test_fit
 
 
 # ---- summary, table, plot ----------------------------------------------------------------------------
@@ -349,13 +352,11 @@ def main() -> None:
         print(f"{s['model']}: {s['note']}")
     print(f"{len(jobs)} runs, {args.epochs} epoch(s) over {args.train_images or 54000} images each, "
           f"{args.workers} worker(s) x {args.threads} thread(s)", flush=True)
-    results = [reference_row(args.data_dir, args.w_samples)]
-    for r in common.map_in_workers(train_one, jobs, args.workers):
-        results.append(r)
-        text = (f"FAILED: {r['error']}" if r.get("error") else "diverged" if r["fid"] is None
-                else f"FID {r['fid']:.2f}, confidence {r['confidence']:.3f}, W {r['w_upper']:.2f}")
-        print(f"[{len(results) - 1}/{len(jobs)}] {r['model']:<24} seed {r['seed']}: {text} "
-              f"({r['train_seconds']:.0f} s training)", flush=True)
+    reference, test_fit = reference_row(args.data_dir, args.w_samples)
+    for job in jobs:
+        job["test_fit"] = test_fit  # the test images' feature statistics, computed once for every run
+    results = [reference] + run_with_progress(
+        train_one, jobs, args.workers, lambda r: f"FID {r['fid']:.2f}, confidence {r['confidence']:.3f}, W {r['w_upper']:.2f}")
     elapsed = time.time() - start
     summary = summarize(results, skipped)
     settings = {"epochs": args.epochs, "train_images": args.train_images or 54000, "seeds": args.seeds,

@@ -29,6 +29,20 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def run_with_progress(fn: Callable[[dict[str, Any]], dict[str, Any]], jobs: list[dict[str, Any]], workers: int,
+                      scores: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """fn(job) for every job in worker processes (`common.map_in_workers`), printing one line per
+    finished run: its model, seed, `scores(row)` (or its error, or "diverged" when its FID is None)
+    and its training time. Returns the rows in the jobs' order."""
+    rows = []
+    for r in common.map_in_workers(fn, jobs, workers):
+        rows.append(r)
+        text = f"FAILED: {r['error']}" if r.get("error") else "diverged" if r["fid"] is None else scores(r)
+        print(f"[{len(rows)}/{len(jobs)}] {r['model']:<26} seed {r['seed']}: {text} "
+              f"({r['train_seconds']:.0f} s training)", flush=True)
+    return rows
+
+
 def load_config(name: str) -> tuple[str, dict[str, Any]]:
     """(class path, init_args) of configs/<name>.yaml; ("", {}) when the file is missing."""
     model = common.read_config(name).get("model", {})

@@ -20,7 +20,8 @@ import os
 from typing import Any
 
 from benchmarks import common
-from benchmarks.quality_runs import default_mnist_dir, image_scores, import_class, mnist_tensors, shipped_classifier
+from benchmarks.quality_runs import (default_mnist_dir, feature_fit, image_scores, import_class, mnist_tensors,
+                                     shipped_classifier)
 
 
 def load_model(path: str) -> Any:
@@ -34,7 +35,7 @@ def load_model(path: str) -> Any:
     return import_class(class_path).load_from_checkpoint(path, map_location="cpu").eval()
 
 
-def score(path: str, test: Any, net: Any, num_samples: int) -> dict[str, Any]:
+def score(path: str, test_fit: tuple[Any, Any], net: Any, num_samples: int) -> dict[str, Any]:
     import torch
 
     model = load_model(path)
@@ -42,7 +43,7 @@ def score(path: str, test: Any, net: Any, num_samples: int) -> dict[str, Any]:
     with torch.no_grad():
         samples = torch.cat([model.sample(min(500, num_samples - i), generator=generator)
                              for i in range(0, num_samples, 500)])  # (num_samples, 1, 28, 28)
-    return {"checkpoint": path, "model": type(model).__name__, **image_scores(samples, test, net)}
+    return {"checkpoint": path, "model": type(model).__name__, **image_scores(samples, test_fit, net)}
 
 
 def main() -> None:
@@ -55,9 +56,9 @@ def main() -> None:
     data_dir = args.data_dir or default_mnist_dir()
     if not os.path.isdir(os.path.join(data_dir, "MNIST", "raw")):
         parser.error(f"no MNIST in {os.path.abspath(data_dir)}/MNIST/raw: pass --data-dir")
-    test = mnist_tensors(data_dir)["test"]
     net = shipped_classifier("mnist", (1, 28, 28))
-    rows = [score(path, test, net, args.num_samples) for path in args.checkpoints]
+    test_fit = feature_fit(mnist_tensors(data_dir)["test"], net)  # once for every checkpoint
+    rows = [score(path, test_fit, net, args.num_samples) for path in args.checkpoints]
     print(common.markdown_table(["checkpoint", "model", "domain FID vs test", "confidence", "class balance"],
                                 [[r["checkpoint"], r["model"], common.fmt(r["fid"], ".1f"), common.fmt(r["confidence"], ".3f"),
                                   common.fmt(r["balance"], ".3f")] for r in rows]))

@@ -64,6 +64,14 @@ def potential_plan(f: Tensor, g: Tensor, eps: float, a: Tensor, b: Tensor) -> Pl
     return block
 
 
+def _c_transforms(c: Tensor, rows: slice, g: Tensor, f: Tensor, buf: Tensor, g_c: Tensor, f_c: Tensor) -> Tensor:
+    """One block (rows, all columns) of both c-transforms: writes g^c_i = min_j c_ij - g_j for the
+    block's rows into `g_c`, and returns the running column minima f^c_j = min_i c_ij - f_i
+    updated with the block's rows (`f_c` holds them so far). `buf` is scratch of c's shape."""
+    g_c[rows] = torch.sub(c, g[None, :], out=buf).amin(1)
+    return torch.minimum(f_c, torch.sub(c, f[rows, None], out=buf).amin(0))
+
+
 def certify_plan(
     C: CostMatrix, plan: PlanBlock, a: Tensor, b: Tensor, f: Tensor, g: Tensor, eps: float = 0.0, entropic: bool = False,
     lower: bool = True,
@@ -82,8 +90,7 @@ def certify_plan(
     for rows, c in C.blocks():
         buf = C.scratch(rows)
         if lower:
-            f_of_g[rows] = torch.sub(c, g[None, :], out=buf).amin(1)
-            g_of_f = torch.minimum(g_of_f, torch.sub(c, f[rows, None], out=buf).amin(0))
+            g_of_f = _c_transforms(c, rows, g, f, buf, f_of_g, g_of_f)
         p = plan(rows, c, buf, ones_n[rows], ones_m)
         r = p @ ones_m
         row_err += (r - a[rows]).abs().sum()
@@ -103,8 +110,7 @@ def certify_plan(
     for rows, c in C.blocks():
         buf = C.scratch(rows)
         if lower:
-            f_of_gf[rows] = torch.sub(c, g_of_f[None, :], out=buf).amin(1)
-            g_of_fg = torch.minimum(g_of_fg, torch.sub(c, f_of_g[rows, None], out=buf).amin(0))
+            g_of_fg = _c_transforms(c, rows, g_of_f, f_of_g, buf, f_of_gf, g_of_fg)
         y_blk = plan(rows, c, buf, row_scale[rows], col_scale)
         er = (a[rows] - y_blk @ ones_m).clamp_min_(0.0)
         err_r[rows] = er
